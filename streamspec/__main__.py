@@ -1,0 +1,3 @@
+from streamspec.tools.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""One module per `streamspec` sub-command (see tools/cli.py)."""
