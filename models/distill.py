@@ -1,0 +1,222 @@
+"""Self-distillation: the base model's own greedy answers become the training data.
+
+In lossless mode the streams learn to predict what the main stream (the unchanged base
+model) will say, so the right targets are the base model's greedy answers, not some
+dataset's human answers. Each output line holds the token ids training reads:
+
+    {"id", "split", "prompt_ids": [...], "answer_ids": [...], "text", "base"}
+
+`answer_ids` ends with the EOS token when the model produced one within the budget;
+`base` is a prefix of the base model's fingerprint, so a resumed run never mixes two
+models' answers in one file.
+
+Batching uses left padding with an attention mask. In fp32 a padded batch can differ
+from one-at-a-time greedy decoding at rare near-ties of the top two logits (other
+matmul shapes, other summation order). That is acceptable here: training only needs
+answers the model plausibly gives, and the lossless guarantee is checked against the
+model itself, not against this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import StreamspecError
+from .loading import base_fingerprint, load_base_model, load_tokenizer, resolve_base
+
+PathLike = Union[str, os.PathLike]
+
+
+def read_prompts(path: PathLike, limit: Optional[int] = None) -> list[dict[str, Any]]:
+    """Prompt records ({"id", "messages", ...}) of a JSONL file, checked line by line."""
+    path = Path(path)
+    if not path.is_file():
+        raise StreamspecError(f"The prompts file {path} does not exist.")
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise StreamspecError(f"Line {number} of {path} is not valid JSON.") from None
+            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+                raise StreamspecError(f"Line {number} of {path} has no string 'id'.")
+            messages = record.get("messages")
+            if not (
+                isinstance(messages, list)
+                and messages
+                and all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in messages)
+            ):
+                raise StreamspecError(f"Line {number} of {path} has no list of 'messages' with 'role' and 'content'.")
+            if record["id"] in seen:
+                raise StreamspecError(f"Line {number} of {path} repeats the id {record['id']!r}.")
+            seen.add(record["id"])
+            records.append(record)
+            if limit is not None and len(records) >= limit:
+                break
+    return records
+
+
+def _done_ids(out_path: Path, base: str) -> set[str]:
+    """Ids already answered in `out_path`, after cutting off a half-written last line."""
+    if not out_path.exists():
+        return set()
+    data = out_path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # a run killed mid-write: drop the partial line, redo that prompt
+        with open(out_path, "r+b") as handle:
+            handle.truncate(end)
+        data = data[:end]
+    done: set[str] = set()
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_id, record_base = record["id"], record.get("base")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise StreamspecError(f"Line {number} of {out_path} is not a distilled record; pick another output path.") from None
+        if record_base not in (None, base):
+            raise StreamspecError(f"{out_path} holds answers of another base model; pick another output path.")
+        done.add(record_id)
+    return done
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    # The generation config's EOS (SmolLM2: <|im_end|>) plus the tokenizer's, in case
+    # a model folder sets only one of them.
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the chat-formatted prompt, ready for the assistant's answer."""
+    if not tokenizer.chat_template:
+        raise StreamspecError("The base model's tokenizer has no chat template, which distillation needs.")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The template already writes every special token; the runtime (tokenizers +
+    # jinja2) encodes the same text the same way, without adding any.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def greedy_answers(
+    model: Any, batch: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int
+) -> list[list[int]]:
+    """Greedy answers to a batch of prompts (left padded), each cut after its first EOS."""
+    import torch
+    from transformers import GenerationConfig
+
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch])
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id
+    )
+    with torch.inference_mode():
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    answers = []
+    for row in output[:, width:].tolist():
+        cut = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
+        answers.append(row[:cut])
+    return answers
+
+
+def distill(
+    base: Optional[str],
+    prompts_path: PathLike,
+    out_path: PathLike,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    limit: Optional[int] = None,
+    progress: bool = True,
+    threads: int = 2,
+) -> dict[str, int]:
+    """Append the base model's greedy answers to `out_path`, one JSON line per prompt.
+
+    Resumable: prompts whose id is already in `out_path` are skipped, and each answer
+    is flushed as soon as its batch is done, so a stopped run loses at most one batch.
+    Returns {"total", "skipped", "written"}.
+    """
+    if max_new_tokens < 1:
+        raise StreamspecError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    if batch_size < 1:
+        raise StreamspecError(f"The batch size must be at least 1, got {batch_size}.")
+    if limit is not None and limit < 1:
+        raise StreamspecError(f"The prompt limit must be at least 1, got {limit}.")
+    records = read_prompts(prompts_path, limit)
+    folder = resolve_base(base, progress=progress)
+    fingerprint = base_fingerprint(folder)[:16]
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise StreamspecError(f"The output path {out_path} is a folder, not a file.")
+    done = _done_ids(out_path, fingerprint)
+    todo = [r for r in records if r["id"] not in done]
+    stats = {"total": len(records), "skipped": len(records) - len(todo), "written": 0}
+    if not todo:
+        return stats
+
+    import torch
+
+    torch.set_num_threads(threads)
+    tokenizer = load_tokenizer(folder)
+    model = load_base_model(folder)
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
+    encoded = [(r, prompt_ids(tokenizer, r["messages"])) for r in todo]
+    # Similar lengths in one batch waste less compute on padding; the output order
+    # does not matter since records are keyed by id.
+    encoded.sort(key=lambda item: len(item[1]))
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "a", encoding="utf-8") as handle, _progress_bar(progress) as bar:
+        task = bar.add_task("distilling", total=len(records), completed=stats["skipped"]) if bar else None
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            answers = greedy_answers(model, [ids for _, ids in chunk], max_new_tokens, eos_ids, pad_id)
+            for (record, ids), answer in zip(chunk, answers):
+                line = {
+                    "id": record["id"],
+                    "split": record.get("split", "train"),
+                    "prompt_ids": ids,
+                    "answer_ids": answer,
+                    "text": tokenizer.decode(answer, skip_special_tokens=True),
+                    "base": fingerprint,
+                }
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+                handle.flush()
+            stats["written"] += len(chunk)
+            if bar:
+                bar.update(task, advance=len(chunk))
+    return stats
+
+
+class _NoBar:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _progress_bar(enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )

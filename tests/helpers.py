@@ -1,0 +1,44 @@
+"""Shared test checks.
+
+Exactness: greedy speculative decoding must reproduce greedy autoregressive decoding
+token for token. A tree step and a one-token step add the same numbers in a different
+order, so two logits within rounding of each other may swap; a divergence passes only
+where the reference's top two logits differ by less than 1e-4 relative and the
+diverging token is one of them. Any other divergence is a bug.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+NEAR_TIE = 1e-4
+
+
+def first_divergence(tokens: Sequence[int], reference: Sequence[int]) -> int:
+    """Index of the first differing token, or -1 when equal (lengths included)."""
+    for i, (a, b) in enumerate(zip(tokens, reference)):
+        if a != b:
+            return i
+    return -1 if len(tokens) == len(reference) else min(len(tokens), len(reference))
+
+
+def assert_tokens_match(tokens: Sequence[int], reference: Sequence[int],
+                        reference_logits: Callable[[list[int]], np.ndarray]) -> None:
+    """Assert equality, or that the first divergence is a near-tie of the reference.
+
+    reference_logits(generated_prefix) returns the reference model's logits [V] for the
+    token that follows the prompt plus `generated_prefix`.
+    """
+    i = first_divergence(tokens, reference)
+    if i < 0:
+        return
+    assert i < len(tokens) and i < len(reference), (
+        f"lengths differ ({len(tokens)} vs {len(reference)}) with equal common prefix")
+    logits = np.asarray(reference_logits(list(reference[:i])), dtype=np.float64)
+    top2 = np.argsort(-logits)[:2]
+    gap = (logits[top2[0]] - logits[top2[1]]) / max(abs(logits[top2[0]]), 1e-12)
+    assert gap < NEAR_TIE and {tokens[i], reference[i]} <= set(top2.tolist()), (
+        f"token {i} differs ({tokens[i]} vs reference {reference[i]}) and is no near-tie: "
+        f"top-2 logits {logits[top2].tolist()} (relative gap {gap:.2e})")
