@@ -1,26 +1,42 @@
 // TreeAttention CPU kernel (no ONNX Runtime dependency; see tree_attention.h).
 //
-// Work split: one task per (query head, block of up to kRowBlock query rows), run on
-// the caller's parallel-for.  Inside a task the committed cache [0, past) is walked in
-// tiles of kKeyTile keys shared by all rows of the block (online softmax, float32
-// accumulators); then each row visits its own short list of new keys (its tree path
-// and, for stream rows, the lower streams of the same node).  The inner loops (dot
-// products, axpy, exp) are written so that the compiler vectorises them without
-// -ffast-math; on x86-64 the hot function is additionally cloned for AVX2+FMA and
-// picked at load time, so the library stays portable.
-#include "tree_attention.h"
-
+// Work split.  A "virtual row" is a (query head, query row) pair; the heads of one kv
+// group share every key and value, so a task takes a kv head and a block of kRows = 16
+// virtual rows of its group, and - when that leaves fewer than eight tasks - a slice
+// of the committed cache (split-K, merged afterwards).  Tasks run on the caller's
+// parallel-for (ORT's intra-op thread pool).
+//
+// Inside a task the committed cache is walked in tiles of kKeyTile keys with the
+// scores kept transposed, [key][16 rows]: the rows are the vector lanes, so the score
+// product reads the cache rows as they lie (no transposition), the online softmax is
+// vectorised across rows, and the value product is a register-blocked 4 rows x 16
+// dims update.  Afterwards every row visits its own short list of new keys (its tree
+// path, and for stream rows the lower streams of the same node).  Float32 accumulation
+// throughout; float16 caches are converted once per call in a parallel pre-pass.
+//
+// The vector code uses GCC/Clang vector extensions (8 floats), which lower to AVX, SSE
+// or NEON as the target allows; on x86-64 the task functions are also cloned for
+// x86-64-v3 (AVX2 + FMA) and picked at load time, so the library stays portable.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
+#include "tree_attention.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+// The vector helpers below are always inlined; the ABI note about returning AVX vectors
+// from non-AVX functions does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace streamspec {
 namespace {
 
-constexpr int64_t kRowBlock = 16;
-constexpr int64_t kKeyTile = 64;
+constexpr int64_t kRows = 16;     // virtual rows per task = two 8-float vectors
+constexpr int64_t kKeyTile = 64;  // keys per softmax step
+constexpr int64_t kMinTasks = 8;  // below this, split the cache between tasks
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(STREAMSPEC_NO_CLONES)
 #define STREAMSPEC_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -33,6 +49,9 @@ constexpr int64_t kKeyTile = 64;
 #else
 #define STREAMSPEC_INLINE inline
 #endif
+
+// ---------------------------------------------------------------------------------
+// Scalar helpers
 
 STREAMSPEC_INLINE uint32_t FloatBits(float f) {
   uint32_t u;
@@ -77,16 +96,19 @@ STREAMSPEC_INLINE uint16_t FloatToHalf(float f) {
   return static_cast<uint16_t>(h | sign);
 }
 
-// exp(x) for x <= 0 (scores minus the running maximum), relative error ~1e-7.
-// Branch-free so that loops over it vectorise; inputs below -87 flush to ~1e-38.
+// Constants of exp(x) = 2^n * exp(r), x = n ln2 + r, |r| <= ln2/2 (Cody-Waite split of
+// ln2, Taylor polynomial of degree 7: relative error ~1e-7).
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+constexpr float kLn2Hi = 0.693145751953125f;
+constexpr float kLn2Lo = 1.428606765330187e-06f;
+constexpr float kExpMin = -87.0f;  // exp(-87) ~ 1.6e-38, still a normal float
+
+// exp(x) for x <= 0 (a score minus the running maximum).
 STREAMSPEC_INLINE float ExpNonPositive(float x) {
-  x = std::max(x, -87.0f);
-  const float kLog2e = 1.44269504088896341f;
-  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = x * kLog2e + kRound;
-  const float n = t - kRound;
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  // Taylor series of exp(r), |r| <= ln2/2, degree 7.
+  x = std::max(x, kExpMin);
+  const float n = (x * kLog2e + kRound) - kRound;
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.984126984126984e-04f;
   p = p * r + 1.388888888888889e-03f;
   p = p * r + 8.333333333333333e-03f;
@@ -95,8 +117,7 @@ STREAMSPEC_INLINE float ExpNonPositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t ni = static_cast<int32_t>(n);
-  return p * BitsFloat(static_cast<uint32_t>(ni + 127) << 23);
+  return p * BitsFloat(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
 }
 
 STREAMSPEC_INLINE float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
@@ -119,27 +140,152 @@ STREAMSPEC_INLINE void Scale(float* __restrict y, float a, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] *= a;
 }
 
-template <typename T>
-STREAMSPEC_INLINE void LoadRow(float* __restrict dst, const T* __restrict src, int64_t n);
-template <>
-STREAMSPEC_INLINE void LoadRow<float>(float* __restrict dst, const float* __restrict src, int64_t n) {
+STREAMSPEC_INLINE void LoadRow(float* __restrict dst, const float* __restrict src, int64_t n) {
   std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
 }
-template <>
-STREAMSPEC_INLINE void LoadRow<uint16_t>(float* __restrict dst, const uint16_t* __restrict src, int64_t n) {
+STREAMSPEC_INLINE void LoadRow(float* __restrict dst, const uint16_t* __restrict src, int64_t n) {
   for (int64_t d = 0; d < n; ++d) dst[d] = HalfToFloat(src[d]);
 }
 
-template <typename T>
-STREAMSPEC_INLINE void StoreRow(T* __restrict dst, const float* __restrict src, float mul, int64_t n);
-template <>
-STREAMSPEC_INLINE void StoreRow<float>(float* __restrict dst, const float* __restrict src, float mul, int64_t n) {
+STREAMSPEC_INLINE void StoreRow(float* __restrict dst, const float* __restrict src, float mul, int64_t n) {
   for (int64_t d = 0; d < n; ++d) dst[d] = src[d] * mul;
 }
-template <>
-STREAMSPEC_INLINE void StoreRow<uint16_t>(uint16_t* __restrict dst, const float* __restrict src, float mul, int64_t n) {
+STREAMSPEC_INLINE void StoreRow(uint16_t* __restrict dst, const float* __restrict src, float mul, int64_t n) {
   for (int64_t d = 0; d < n; ++d) dst[d] = FloatToHalf(src[d] * mul);
 }
+
+// ---------------------------------------------------------------------------------
+// Eight-float vectors.  Products are written scalar * vector, which compiles to a
+// broadcast multiply-add.
+
+#if defined(__GNUC__) && !defined(STREAMSPEC_PORTABLE_VECTORS)
+typedef float V8 __attribute__((vector_size(32)));
+typedef int32_t V8i __attribute__((vector_size(32)));
+STREAMSPEC_INLINE V8 Max8(V8 a, V8 b) { return a > b ? a : b; }
+STREAMSPEC_INLINE V8 Exp8(V8 x) {  // vector ExpNonPositive
+  const V8 lo = V8{} + kExpMin;
+  x = x < lo ? lo : x;
+  const V8 n = (x * kLog2e + kRound) - kRound;
+  const V8 r = (x - n * kLn2Hi) - n * kLn2Lo;
+  V8 p = V8{} + 1.984126984126984e-04f;
+  p = p * r + 1.388888888888889e-03f;
+  p = p * r + 8.333333333333333e-03f;
+  p = p * r + 4.166666666666667e-02f;
+  p = p * r + 1.666666666666667e-01f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const V8i bits = (__builtin_convertvector(n, V8i) + 127) << 23;
+  V8 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+#else
+struct V8 {
+  float v[8] = {};
+  float operator[](int i) const { return v[i]; }
+  V8& operator+=(const V8& o) {
+    for (int i = 0; i < 8; ++i) v[i] += o.v[i];
+    return *this;
+  }
+  friend V8 operator*(float a, const V8& b) {
+    V8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a * b.v[i];
+    return r;
+  }
+  friend V8 operator*(const V8& a, const V8& b) {
+    V8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i];
+    return r;
+  }
+  friend V8 operator+(const V8& a, const V8& b) {
+    V8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  }
+  friend V8 operator-(const V8& a, const V8& b) {
+    V8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] - b.v[i];
+    return r;
+  }
+};
+STREAMSPEC_INLINE V8 Max8(V8 a, V8 b) {
+  for (int i = 0; i < 8; ++i) a.v[i] = std::max(a.v[i], b.v[i]);
+  return a;
+}
+STREAMSPEC_INLINE V8 Exp8(V8 x) {
+  for (int i = 0; i < 8; ++i) x.v[i] = ExpNonPositive(x.v[i]);
+  return x;
+}
+#endif
+
+STREAMSPEC_INLINE V8 LoadV(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+STREAMSPEC_INLINE void StoreV(float* p, const V8& v) { std::memcpy(p, &v, sizeof(v)); }
+
+// sT[j][0..16) = k_j . q for four keys; qT is the query block transposed, [hd][16].
+STREAMSPEC_INLINE void MicroQK(const float* __restrict qT, int64_t hd, const float* __restrict k0,
+                               const float* __restrict k1, const float* __restrict k2, const float* __restrict k3,
+                               float* __restrict sT) {
+  V8 a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
+  for (int64_t d = 0; d < hd; ++d) {
+    const V8 q0 = LoadV(qT + d * kRows);
+    const V8 q1 = LoadV(qT + d * kRows + 8);
+    a00 += k0[d] * q0;
+    a01 += k0[d] * q1;
+    a10 += k1[d] * q0;
+    a11 += k1[d] * q1;
+    a20 += k2[d] * q0;
+    a21 += k2[d] * q1;
+    a30 += k3[d] * q0;
+    a31 += k3[d] * q1;
+  }
+  StoreV(sT, a00);
+  StoreV(sT + 8, a01);
+  StoreV(sT + kRows, a10);
+  StoreV(sT + kRows + 8, a11);
+  StoreV(sT + 2 * kRows, a20);
+  StoreV(sT + 2 * kRows + 8, a21);
+  StoreV(sT + 3 * kRows, a30);
+  StoreV(sT + 3 * kRows + 8, a31);
+}
+
+// acc[r][0..16) += sum_k pT[k][r] * v[k][0..16) for four rows r (acc rows hd apart,
+// pT rows kRows apart, value rows v_stride apart).
+STREAMSPEC_INLINE void MicroPV(const float* __restrict pT, int64_t nk, const float* __restrict v, int64_t v_stride,
+                               float* __restrict acc, int64_t hd) {
+  V8 a00 = LoadV(acc), a01 = LoadV(acc + 8);
+  V8 a10 = LoadV(acc + hd), a11 = LoadV(acc + hd + 8);
+  V8 a20 = LoadV(acc + 2 * hd), a21 = LoadV(acc + 2 * hd + 8);
+  V8 a30 = LoadV(acc + 3 * hd), a31 = LoadV(acc + 3 * hd + 8);
+  for (int64_t k = 0; k < nk; ++k) {
+    const V8 v0 = LoadV(v + k * v_stride);
+    const V8 v1 = LoadV(v + k * v_stride + 8);
+    const float* p = pT + k * kRows;
+    a00 += p[0] * v0;
+    a01 += p[0] * v1;
+    a10 += p[1] * v0;
+    a11 += p[1] * v1;
+    a20 += p[2] * v0;
+    a21 += p[2] * v1;
+    a30 += p[3] * v0;
+    a31 += p[3] * v1;
+  }
+  StoreV(acc, a00);
+  StoreV(acc + 8, a01);
+  StoreV(acc + hd, a10);
+  StoreV(acc + hd + 8, a11);
+  StoreV(acc + 2 * hd, a20);
+  StoreV(acc + 2 * hd + 8, a21);
+  StoreV(acc + 3 * hd, a30);
+  StoreV(acc + 3 * hd + 8, a31);
+}
+
+// ---------------------------------------------------------------------------------
+// Job and tasks
 
 template <typename T>
 struct Job {
@@ -151,118 +297,243 @@ struct Job {
   const T* value_cache;
   T* output;
   int64_t past;
-  int64_t row_blocks;
+  // float16 only: the committed cache as float, [kv head][past][hd] (keys, values).
+  float* key_f32 = nullptr;
+  float* value_f32 = nullptr;
+  int64_t convert_chunk = 0;  // rows per conversion task
+  int64_t row_blocks = 0;     // blocks of kRows virtual rows per kv head
+  int64_t splits = 1;         // slices of the cache per row block
+  int64_t split_len = 0;      // keys per slice (multiple of kKeyTile)
+  // Split-K partial results, [task][kRows][hd + 2] (acc, m, l).
+  float* partials = nullptr;
   // CSR list, per query row, of the new rows (indices into key/value) it attends to.
   std::vector<int32_t> list_offsets;
   std::vector<int32_t> list_rows;
 };
 
-// Online-softmax state of one query row.
-struct RowState {
-  float m;
-  float l;
-};
+// float16 pre-pass: converts a chunk of cache rows of one kv head to float.
+STREAMSPEC_INLINE void ConvertTaskImpl(const Job<uint16_t>& job, size_t task) {
+  const TreeAttentionShape& sh = job.shape;
+  const int64_t chunks = (job.past + job.convert_chunk - 1) / job.convert_chunk;
+  const int64_t kvh = static_cast<int64_t>(task) / chunks;
+  const int64_t t0 = (static_cast<int64_t>(task) % chunks) * job.convert_chunk;
+  const int64_t n = std::min(job.convert_chunk, job.past - t0) * sh.head_dim;
+  const int64_t src = (kvh * sh.max_len + t0) * sh.head_dim;
+  const int64_t dst = (kvh * job.past + t0) * sh.head_dim;
+  LoadRow(job.key_f32 + dst, job.key_cache + src, n);
+  LoadRow(job.value_f32 + dst, job.value_cache + src, n);
+}
 
+// Attention task: kv head, block of kRows virtual rows, slice of the cache.
 template <typename T>
 STREAMSPEC_INLINE void RunTaskImpl(const Job<T>& job, size_t task) {
   const TreeAttentionShape& sh = job.shape;
   const int64_t hd = sh.head_dim;
-  const int64_t head = static_cast<int64_t>(task) / job.row_blocks;
-  const int64_t block = static_cast<int64_t>(task) % job.row_blocks;
-  const int64_t r0 = block * kRowBlock;
-  const int64_t rows = std::min(kRowBlock, sh.seq - r0);
   const int64_t group = sh.num_heads / sh.kv_num_heads;
-  const int64_t kvh = head / group;
+  const int64_t split = static_cast<int64_t>(task) % job.splits;
+  const int64_t block = (static_cast<int64_t>(task) / job.splits) % job.row_blocks;
+  const int64_t kvh = static_cast<int64_t>(task) / job.splits / job.row_blocks;
+  const int64_t v0 = block * kRows;
+  const int64_t rows = std::min(kRows, group * sh.seq - v0);
+  const int64_t rows4 = (rows + 3) / 4 * 4;
   const int64_t q_stride = sh.num_heads * hd;
   const int64_t kv_stride = sh.kv_num_heads * hd;
+  const int64_t hd16 = hd / 16 * 16;
 
-  // Scratch: q[rows][hd], acc[rows][hd], scores[kKeyTile], key/value tiles (fp16).
+  // Scratch: q[kRows][hd], qT[hd][kRows], acc[kRows][hd], sT[kKeyTile][kRows], and
+  // two rows for the new keys.
   thread_local std::vector<float> scratch;
-  const size_t need = static_cast<size_t>((2 * kRowBlock + 2 * kKeyTile) * hd + kKeyTile + 2 * hd);
+  const size_t need = static_cast<size_t>(3 * kRows * hd + kKeyTile * kRows + 2 * hd);
   if (scratch.size() < need) scratch.resize(need);
   float* q = scratch.data();
-  float* acc = q + kRowBlock * hd;
-  float* k_tile = acc + kRowBlock * hd;
-  float* v_tile = k_tile + kKeyTile * hd;
-  float* scores = v_tile + kKeyTile * hd;
-  float* k_row = scores + kKeyTile;
+  float* qT = q + kRows * hd;
+  float* acc = qT + kRows * hd;
+  float* sT = acc + kRows * hd;
+  float* k_row = sT + kKeyTile * kRows;
   float* v_row = k_row + hd;
 
-  RowState state[kRowBlock];
-  for (int64_t i = 0; i < rows; ++i) {
+  int64_t row_of[kRows];
+  int64_t head_of[kRows];
+  alignas(32) float m[kRows];
+  alignas(32) float l[kRows];
+  for (int64_t i = 0; i < kRows; ++i) {
     float* qi = q + i * hd;
-    LoadRow<T>(qi, job.query + (r0 + i) * q_stride + head * hd, hd);
-    Scale(qi, sh.scale, hd);
     std::fill(acc + i * hd, acc + (i + 1) * hd, 0.f);
-    state[i] = {-1e30f, 0.f};
+    m[i] = -1e30f;
+    l[i] = 0.f;
+    if (i >= rows) {  // padding lanes
+      std::fill(qi, qi + hd, 0.f);
+    } else {
+      head_of[i] = kvh * group + (v0 + i) / sh.seq;
+      row_of[i] = (v0 + i) % sh.seq;
+      LoadRow(qi, job.query + row_of[i] * q_stride + head_of[i] * hd, hd);
+      Scale(qi, sh.scale, hd);
+    }
+    for (int64_t d = 0; d < hd; ++d) qT[d * kRows + i] = qi[d];
   }
 
-  // 1. The committed cache [0, past), shared by every row of the block.
-  const T* kc = job.key_cache + kvh * sh.max_len * hd;
-  const T* vc = job.value_cache + kvh * sh.max_len * hd;
-  for (int64_t t0 = 0; t0 < job.past; t0 += kKeyTile) {
-    const int64_t nk = std::min(kKeyTile, job.past - t0);
-    const float* kt;
-    const float* vt;
-    if constexpr (std::is_same<T, float>::value) {
-      kt = kc + t0 * hd;
-      vt = vc + t0 * hd;
-    } else {
-      LoadRow<T>(k_tile, kc + t0 * hd, nk * hd);
-      LoadRow<T>(v_tile, vc + t0 * hd, nk * hd);
-      kt = k_tile;
-      vt = v_tile;
+  // 1. The committed cache, keys [lo, hi) of this task's slice.
+  const int64_t lo = split * job.split_len;
+  const int64_t hi = std::min(job.past, lo + job.split_len);
+  const float* kc;
+  const float* vc;
+  if constexpr (std::is_same<T, float>::value) {
+    kc = job.key_cache + kvh * sh.max_len * hd;
+    vc = job.value_cache + kvh * sh.max_len * hd;
+  } else {
+    kc = job.key_f32 + kvh * job.past * hd;
+    vc = job.value_f32 + kvh * job.past * hd;
+  }
+  for (int64_t t0 = lo; t0 < hi; t0 += kKeyTile) {
+    const int64_t nk = std::min(kKeyTile, hi - t0);
+    const float* kt = kc + t0 * hd;
+    for (int64_t k = 0; k < nk; k += 4) {
+      // The last group may reach past nk: repeat a valid row, the scores are unused.
+      const float* k0 = kt + k * hd;
+      const float* k1 = kt + std::min(k + 1, nk - 1) * hd;
+      const float* k2 = kt + std::min(k + 2, nk - 1) * hd;
+      const float* k3 = kt + std::min(k + 3, nk - 1) * hd;
+      MicroQK(qT, hd, k0, k1, k2, k3, sT + k * kRows);
     }
+    // Online softmax, vectorised across the 16 rows.
+    for (int64_t h = 0; h < kRows; h += 8) {
+      const V8 m_old = LoadV(m + h);
+      V8 m_new = m_old;
+      for (int64_t k = 0; k < nk; ++k) m_new = Max8(m_new, LoadV(sT + k * kRows + h));
+      V8 sum = {};
+      for (int64_t k = 0; k < nk; ++k) {
+        const V8 p = Exp8(LoadV(sT + k * kRows + h) - m_new);
+        StoreV(sT + k * kRows + h, p);
+        sum += p;
+      }
+      const V8 corr = Exp8(m_old - m_new);
+      StoreV(l + h, LoadV(l + h) * corr + sum);
+      StoreV(m + h, m_new);
+      for (int64_t i = 0; i < 8 && h + i < rows4; ++i) Scale(acc + (h + i) * hd, corr[i], hd);
+    }
+    const float* vt = vc + t0 * hd;
+    for (int64_t rb = 0; rb < rows4; rb += 4) {
+      for (int64_t d0 = 0; d0 < hd16; d0 += 16) MicroPV(sT + rb, nk, vt + d0, hd, acc + rb * hd + d0, hd);
+      for (int64_t r = rb; r < rb + 4 && hd16 < hd; ++r) {  // leftover dims
+        for (int64_t k = 0; k < nk; ++k) Axpy(acc + r * hd + hd16, sT[k * kRows + r], vt + k * hd + hd16, hd - hd16);
+      }
+    }
+  }
+
+  // 2. (first slice only) each row's own new keys: its tree path, and the lower
+  // streams of the same node.  Scores first, then one softmax update per row.
+  if (split == 0) {
+    float* s = sT;  // reused: up to kKeyTile * kRows scores per batch
+    const int64_t batch = kKeyTile * kRows;
     for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = row_of[i];
       const float* qi = q + i * hd;
       float* ai = acc + i * hd;
-      float mx = state[i].m;
-      for (int64_t k = 0; k < nk; ++k) {
-        scores[k] = Dot(qi, kt + k * hd, hd);
-        mx = std::max(mx, scores[k]);
+      for (int64_t e0 = job.list_offsets[r]; e0 < job.list_offsets[r + 1]; e0 += batch) {
+        const int64_t ne = std::min<int64_t>(batch, job.list_offsets[r + 1] - e0);
+        float mx = m[i];
+        for (int64_t e = 0; e < ne; ++e) {
+          const int64_t src = job.list_rows[e0 + e];
+          const T* krow = job.key + src * kv_stride + kvh * hd;
+          if constexpr (std::is_same<T, float>::value) {
+            s[e] = Dot(qi, krow, hd);
+          } else {
+            LoadRow(k_row, krow, hd);
+            s[e] = Dot(qi, k_row, hd);
+          }
+          mx = std::max(mx, s[e]);
+        }
+        const float corr = ExpNonPositive(m[i] - mx);
+        float sum = 0.f;
+        for (int64_t e = 0; e < ne; ++e) {
+          s[e] = ExpNonPositive(s[e] - mx);
+          sum += s[e];
+        }
+        l[i] = l[i] * corr + sum;
+        m[i] = mx;
+        Scale(ai, corr, hd);
+        for (int64_t e = 0; e < ne; ++e) {
+          const T* vrow = job.value + job.list_rows[e0 + e] * kv_stride + kvh * hd;
+          if constexpr (std::is_same<T, float>::value) {
+            Axpy(ai, s[e], vrow, hd);
+          } else {
+            LoadRow(v_row, vrow, hd);
+            Axpy(ai, s[e], v_row, hd);
+          }
+        }
       }
-      const float corr = ExpNonPositive(state[i].m - mx);
-      float sum = 0.f;
-      for (int64_t k = 0; k < nk; ++k) {
-        scores[k] = ExpNonPositive(scores[k] - mx);
-        sum += scores[k];
-      }
-      state[i].l = state[i].l * corr + sum;
-      state[i].m = mx;
-      Scale(ai, corr, hd);
-      for (int64_t k = 0; k < nk; ++k) Axpy(ai, scores[k], vt + k * hd, hd);
     }
   }
 
-  // 2. Each row's own new keys: its tree path, and lower streams of the same node.
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t r = r0 + i;
-    const float* qi = q + i * hd;
-    float* ai = acc + i * hd;
-    for (int32_t e = job.list_offsets[r]; e < job.list_offsets[r + 1]; ++e) {
-      const int64_t src = job.list_rows[e];
-      LoadRow<T>(k_row, job.key + src * kv_stride + kvh * hd, hd);
-      LoadRow<T>(v_row, job.value + src * kv_stride + kvh * hd, hd);
-      const float s = Dot(qi, k_row, hd);
-      const float mx = std::max(state[i].m, s);
-      const float corr = ExpNonPositive(state[i].m - mx);
-      const float p = ExpNonPositive(s - mx);
-      state[i].l = state[i].l * corr + p;
-      state[i].m = mx;
-      Scale(ai, corr, hd);
-      Axpy(ai, p, v_row, hd);
+  // 3. Output, or a partial result for the merge.
+  if (job.splits == 1) {
+    for (int64_t i = 0; i < rows; ++i) {
+      StoreRow(job.output + row_of[i] * q_stride + head_of[i] * hd, acc + i * hd, 1.0f / l[i], hd);
     }
-    StoreRow<T>(job.output + r * q_stride + head * hd, ai, 1.0f / state[i].l, hd);
+  } else {
+    float* part = job.partials + static_cast<int64_t>(task) * kRows * (hd + 2);
+    for (int64_t i = 0; i < rows; ++i) {
+      std::memcpy(part + i * (hd + 2), acc + i * hd, static_cast<size_t>(hd) * sizeof(float));
+      part[i * (hd + 2) + hd] = m[i];
+      part[i * (hd + 2) + hd + 1] = l[i];
+    }
+  }
+}
+
+// Merge task (split-K): kv head and row block; combines the slices' partial results.
+template <typename T>
+STREAMSPEC_INLINE void MergeTaskImpl(const Job<T>& job, size_t task) {
+  const TreeAttentionShape& sh = job.shape;
+  const int64_t hd = sh.head_dim;
+  const int64_t group = sh.num_heads / sh.kv_num_heads;
+  const int64_t block = static_cast<int64_t>(task) % job.row_blocks;
+  const int64_t kvh = static_cast<int64_t>(task) / job.row_blocks;
+  const int64_t v0 = block * kRows;
+  const int64_t rows = std::min(kRows, group * sh.seq - v0);
+  const int64_t stride = kRows * (hd + 2);
+  const float* first = job.partials + static_cast<int64_t>(task) * job.splits * stride;
+  thread_local std::vector<float> out;
+  if (out.size() < static_cast<size_t>(hd)) out.resize(static_cast<size_t>(hd));
+  for (int64_t i = 0; i < rows; ++i) {
+    float mx = -1e30f;
+    for (int64_t s = 0; s < job.splits; ++s) mx = std::max(mx, first[s * stride + i * (hd + 2) + hd]);
+    float denom = 0.f;
+    std::fill(out.begin(), out.begin() + hd, 0.f);
+    for (int64_t s = 0; s < job.splits; ++s) {
+      const float* p = first + s * stride + i * (hd + 2);
+      const float w = ExpNonPositive(p[hd] - mx);
+      denom += w * p[hd + 1];
+      Axpy(out.data(), w, p, hd);
+    }
+    const int64_t head = kvh * group + (v0 + i) / sh.seq;
+    const int64_t row = (v0 + i) % sh.seq;
+    StoreRow(job.output + row * sh.num_heads * hd + head * hd, out.data(), 1.0f / denom, hd);
   }
 }
 
 // Non-template entry points, so that the x86-64 clones apply to whole tasks.
 STREAMSPEC_HOT void RunTask(const Job<float>& job, size_t task) { RunTaskImpl<float>(job, task); }
 STREAMSPEC_HOT void RunTask(const Job<uint16_t>& job, size_t task) { RunTaskImpl<uint16_t>(job, task); }
+STREAMSPEC_HOT void MergeTask(const Job<float>& job, size_t task) { MergeTaskImpl<float>(job, task); }
+STREAMSPEC_HOT void MergeTask(const Job<uint16_t>& job, size_t task) { MergeTaskImpl<uint16_t>(job, task); }
+STREAMSPEC_HOT void ConvertTask(const Job<uint16_t>& job, size_t task) { ConvertTaskImpl(job, task); }
 
 template <typename T>
-void RunTaskThunk(void* data, size_t task) {
+void RunThunk(void* data, size_t task) {
   RunTask(*static_cast<const Job<T>*>(data), task);
+}
+template <typename T>
+void MergeThunk(void* data, size_t task) {
+  MergeTask(*static_cast<const Job<T>*>(data), task);
+}
+void ConvertThunk(void* data, size_t task) { ConvertTask(*static_cast<const Job<uint16_t>*>(data), task); }
+
+void ParallelRun(ParallelForFn parallel_for, void* runner, void (*fn)(void*, size_t), size_t total, void* job) {
+  if (parallel_for != nullptr && total > 1) {
+    parallel_for(runner, fn, total, job);
+  } else {
+    for (size_t t = 0; t < total; ++t) fn(job, t);
+  }
 }
 
 template <typename T>
@@ -313,7 +584,28 @@ const char* Run(const TreeAttentionShape& sh, const T* query, const T* key, cons
   job.value_cache = value_cache;
   job.output = output;
   job.past = past;
-  job.row_blocks = (sh.seq + kRowBlock - 1) / kRowBlock;
+
+  // Tasks: kv heads x row blocks, times cache slices when that is too few.
+  const int64_t group = sh.num_heads / sh.kv_num_heads;
+  job.row_blocks = (group * sh.seq + kRows - 1) / kRows;
+  const int64_t base = sh.kv_num_heads * job.row_blocks;
+  int64_t splits = 1;
+  if (base < kMinTasks) splits = std::min((kMinTasks + base - 1) / base, past / (4 * kKeyTile));
+  splits = std::max<int64_t>(splits, 1);
+  job.split_len = std::max<int64_t>((past + splits - 1) / splits + kKeyTile - 1, kKeyTile) / kKeyTile * kKeyTile;
+  job.splits = std::max<int64_t>((past + job.split_len - 1) / job.split_len, 1);
+
+  // Buffers kept by the calling thread between calls: float16 cache as float, and the
+  // split-K partial results.
+  thread_local std::vector<float> buffer;
+  const size_t cache_f32 = std::is_same<T, float>::value ? 0 : static_cast<size_t>(2 * sh.kv_num_heads * past * hd);
+  const size_t partial = job.splits > 1 ? static_cast<size_t>(base * job.splits * kRows * (hd + 2)) : 0;
+  if (buffer.size() < cache_f32 + partial) buffer.resize(cache_f32 + partial);
+  if (cache_f32) {
+    job.key_f32 = buffer.data();
+    job.value_f32 = buffer.data() + cache_f32 / 2;
+  }
+  job.partials = buffer.data() + cache_f32;
 
   // Path of every node (root first), then the per-row lists.
   std::vector<int32_t> depth(static_cast<size_t>(n_nodes));
@@ -346,12 +638,15 @@ const char* Run(const TreeAttentionShape& sh, const T* query, const T* key, cons
     }
   }
 
-  const size_t tasks = static_cast<size_t>(sh.num_heads * job.row_blocks);
-  if (parallel_for != nullptr && tasks > 1) {
-    parallel_for(runner, &RunTaskThunk<T>, tasks, &job);
-  } else {
-    for (size_t t = 0; t < tasks; ++t) RunTask(job, t);
+  if constexpr (!std::is_same<T, float>::value) {
+    if (past > 0) {
+      job.convert_chunk = 4 * kKeyTile;
+      const int64_t chunks = (past + job.convert_chunk - 1) / job.convert_chunk;
+      ParallelRun(parallel_for, runner, &ConvertThunk, static_cast<size_t>(sh.kv_num_heads * chunks), &job);
+    }
   }
+  ParallelRun(parallel_for, runner, &RunThunk<T>, static_cast<size_t>(base * job.splits), &job);
+  if (job.splits > 1) ParallelRun(parallel_for, runner, &MergeThunk<T>, static_cast<size_t>(base), &job);
   return nullptr;
 }
 

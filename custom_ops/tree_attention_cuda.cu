@@ -8,7 +8,8 @@
 //  2. Attention: one block per (query row, query head), kWarps warps.  Thread 0 builds
 //     the row's list of new key rows (tree path, lower streams) in shared memory; the
 //     warps then share the keys [cache 0..past) + list round-robin, kKeysPerIter at a
-//     time, each lane owning dims lane, lane+32, ...; online softmax in float32;
+//     time, each lane owning dims lane, lane+32, ...; online softmax in float32
+//     (full-precision expf: the kernel is bound by memory, not by exp);
 //     finally the warps' partial states are merged through shared memory.
 // past_length, tree_parent and compact_src are read on the device: no host sync.
 #include <cuda_fp16.h>
@@ -183,14 +184,14 @@ __global__ void __launch_bounds__(kThreads) AttentionKernel(AttentionParams p) {
     for (int u = 0; u < kKeysPerIter; ++u) {
       if (krow[u] != nullptr) mx = fmaxf(mx, s[u]);
     }
-    const float corr = __expf(m - mx);
+    const float corr = expf(m - mx);
     l *= corr;
 #pragma unroll
     for (int t = 0; t < DPL; ++t) acc[t] *= corr;
 #pragma unroll
     for (int u = 0; u < kKeysPerIter; ++u) {
       if (vrow[u] == nullptr) continue;
-      const float w = __expf(s[u] - mx);
+      const float w = expf(s[u] - mx);
       l += w;
 #pragma unroll
       for (int t = 0; t < DPL; ++t) {
@@ -217,13 +218,13 @@ __global__ void __launch_bounds__(kThreads) AttentionKernel(AttentionParams p) {
   for (int w = 0; w < kWarps; ++w) gmax = fmaxf(gmax, partial[w * (hd + 2) + hd]);
   float denom = 0.f;
   for (int w = 0; w < kWarps; ++w) {
-    denom += partial[w * (hd + 2) + hd + 1] * __expf(partial[w * (hd + 2) + hd] - gmax);
+    denom += partial[w * (hd + 2) + hd + 1] * expf(partial[w * (hd + 2) + hd] - gmax);
   }
   T* out = static_cast<T*>(p.output) + (static_cast<int64_t>(row) * p.num_heads + head) * hd;
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
     float o = 0.f;
     for (int w = 0; w < kWarps; ++w) {
-      o += partial[w * (hd + 2) + d] * __expf(partial[w * (hd + 2) + hd] - gmax);
+      o += partial[w * (hd + 2) + d] * expf(partial[w * (hd + 2) + hd] - gmax);
     }
     out[d] = FromFloat<T>(o / denom);
   }
@@ -248,15 +249,14 @@ const char* Launch(const TreeAttentionCudaArgs& a, cudaStream_t stream) {
   // Outputs that ORT allocated separately get a copy of the input cache first, so the
   // inputs stay untouched; with one bound buffer the update is in place.
   if (a.key_cache != a.key_cache_in) {
-    if (cudaMemcpyAsync(a.key_cache, a.key_cache_in, cache_bytes, cudaMemcpyDeviceToDevice, stream) != cudaSuccess) {
-      return cudaGetErrorString(cudaGetLastError());
-    }
+    const cudaError_t err =
+        cudaMemcpyAsync(a.key_cache, a.key_cache_in, cache_bytes, cudaMemcpyDeviceToDevice, stream);
+    if (err != cudaSuccess) return cudaGetErrorString(err);
   }
   if (a.value_cache != a.value_cache_in) {
-    if (cudaMemcpyAsync(a.value_cache, a.value_cache_in, cache_bytes, cudaMemcpyDeviceToDevice, stream) !=
-        cudaSuccess) {
-      return cudaGetErrorString(cudaGetLastError());
-    }
+    const cudaError_t err =
+        cudaMemcpyAsync(a.value_cache, a.value_cache_in, cache_bytes, cudaMemcpyDeviceToDevice, stream);
+    if (err != cudaSuccess) return cudaGetErrorString(err);
   }
   const int64_t columns = s.kv_num_heads * s.head_dim;
   if (columns > 0 && (s.num_nodes > 0 || s.num_compact > 0)) {

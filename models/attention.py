@@ -61,6 +61,33 @@ def causal_tree_mask(length: int, batch: int = 1, device=None) -> torch.Tensor:
     return tri.unsqueeze(0).expand(batch, length, length)
 
 
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q [B, H, R, D], k and v [B, KV, C, D] (KV divides H), bias [B, 1, R, C] -> [B, H, R, D]."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+
+
+def stream_rows_bias(main_visible: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """Additive bias [B, 1, N*γ, C + N*γ] of stream rows over C given main rows and themselves.
+
+    main_visible: [B, N, C] bool, main_visible[b, n, m] = node n sees main row m.
+    Stream (n, j) sees the main rows node n sees and streams (n, 1..j), as in
+    `stream_row_mask`; the main rows themselves are not among the queries.
+    """
+    batch, n, _ = main_visible.shape
+    g = num_streams
+    node = torch.arange(n * g, device=main_visible.device) // g
+    index = torch.arange(n * g, device=main_visible.device) % g
+    within = (node[:, None] == node[None, :]) & (index[None, :] <= index[:, None])  # [N*γ, N*γ]
+    visible = torch.cat([main_visible.repeat_interleave(g, dim=1),
+                         within.expand(batch, -1, -1)], dim=-1)
+    return attention_bias(visible, 0)
+
+
 class KVCache:
     """Fixed-size key/value buffers, one pair per layer: [B, kv_heads, max_length, head_dim].
 
@@ -111,9 +138,29 @@ class EagerAttention:
             value_cache[:, :, past:past + n] = v[:, :, :n]
             k = torch.cat([key_cache[:, :, :past], k], dim=2)
             v = torch.cat([value_cache[:, :, :past], v], dim=2)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        bias = self._bias[q.shape[2]].to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return grouped_attention(q, k, v, self._bias[q.shape[2]], scale)
+
+
+class MainKVAttention:
+    """Stream rows alone over given main-row keys and values (lossless training).
+
+    In lossless mode the main rows of the MSA layers are the frozen base model: their
+    keys and values come from one pass without gradient per sequence, and only the
+    stream rows (`Transformer.stream_upper`) are computed with gradient.
+
+    main_keys, main_values: MSA layer -> [B, KV, C, D] (RoPE applied), the C main rows
+    the nodes may see; main_visible: [B, N, C] bool, which of them node n sees.
+    """
+
+    def __init__(self, main_keys: dict[int, torch.Tensor], main_values: dict[int, torch.Tensor],
+                 main_visible: torch.Tensor, num_streams: int):
+        self.main_keys = main_keys
+        self.main_values = main_values
+        self.bias = stream_rows_bias(main_visible, num_streams)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        """q: [B, H, N*γ, D]; k, v: [B, KV, N*γ, D] of the stream rows. Returns [B, H, N*γ, D]."""
+        k = torch.cat([self.main_keys[layer], k], dim=2)
+        v = torch.cat([self.main_values[layer], v], dim=2)
+        return grouped_attention(q, k, v, self.bias, scale)

@@ -30,6 +30,10 @@ from .loading import base_fingerprint, load_base_model, load_tokenizer, resolve_
 PathLike = Union[str, os.PathLike]
 
 
+def _is_message(message: Any) -> bool:
+    return isinstance(message, dict) and isinstance(message.get("content"), str) and "role" in message
+
+
 def read_prompts(path: PathLike, limit: Optional[int] = None) -> list[dict[str, Any]]:
     """Prompt records ({"id", "messages", ...}) of a JSONL file, checked line by line."""
     path = Path(path)
@@ -37,8 +41,12 @@ def read_prompts(path: PathLike, limit: Optional[int] = None) -> list[dict[str, 
         raise StreamspecError(f"The prompts file {path} does not exist.")
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise StreamspecError(f"Line {number} of {path} is not UTF-8 text.") from None
             if not line.strip():
                 continue
             try:
@@ -48,12 +56,12 @@ def read_prompts(path: PathLike, limit: Optional[int] = None) -> list[dict[str, 
             if not isinstance(record, dict) or not isinstance(record.get("id"), str):
                 raise StreamspecError(f"Line {number} of {path} has no string 'id'.")
             messages = record.get("messages")
-            if not (
-                isinstance(messages, list)
-                and messages
-                and all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in messages)
-            ):
-                raise StreamspecError(f"Line {number} of {path} has no list of 'messages' with 'role' and 'content'.")
+            if not (isinstance(messages, list) and messages and all(map(_is_message, messages))):
+                raise StreamspecError(
+                    f"Line {number} of {path} has no list of 'messages' with 'role' and 'content'."
+                )
+            if record.get("split", "train") not in ("train", "heldout"):
+                raise StreamspecError(f"Line {number} of {path} has a split other than 'train' or 'heldout'.")
             if record["id"] in seen:
                 raise StreamspecError(f"Line {number} of {path} repeats the id {record['id']!r}.")
             seen.add(record["id"])
@@ -81,9 +89,13 @@ def _done_ids(out_path: Path, base: str) -> set[str]:
             record = json.loads(line)
             record_id, record_base = record["id"], record.get("base")
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise StreamspecError(f"Line {number} of {out_path} is not a distilled record; pick another output path.") from None
+            raise StreamspecError(
+                f"Line {number} of {out_path} is not a distilled record; pick another output path."
+            ) from None
         if record_base not in (None, base):
-            raise StreamspecError(f"{out_path} holds answers of another base model; pick another output path.")
+            raise StreamspecError(
+                f"{out_path} holds answers of another base model; pick another output path."
+            )
         done.add(record_id)
     return done
 
@@ -98,11 +110,14 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], record_id: str = "") -> list[int]:
     """Token ids of the chat-formatted prompt, ready for the assistant's answer."""
     if not tokenizer.chat_template:
         raise StreamspecError("The base model's tokenizer has no chat template, which distillation needs.")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # templates may raise on, e.g., a system turn they do not allow
+        raise StreamspecError(f"The chat template rejected prompt {record_id!r} ({exc}).") from None
     # The template already writes every special token; the runtime (tokenizers +
     # jinja2) encodes the same text the same way, without adding any.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -119,7 +134,11 @@ def greedy_answers(
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch])
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
     config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        bos_token_id=model.generation_config.bos_token_id,
     )
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
@@ -171,7 +190,7 @@ def distill(
     model = load_base_model(folder)
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
-    encoded = [(r, prompt_ids(tokenizer, r["messages"])) for r in todo]
+    encoded = [(r, prompt_ids(tokenizer, r["messages"], r["id"])) for r in todo]
     # Similar lengths in one batch waste less compute on padding; the output order
     # does not matter since records are keyed by id.
     encoded.sort(key=lambda item: len(item[1]))
@@ -210,7 +229,14 @@ class _NoBar:
 def _progress_bar(enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"),

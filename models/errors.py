@@ -1,9 +1,10 @@
-"""The one exception type for user mistakes and bad input."""
+"""The one exception type for user mistakes and bad input, as `streamspec.models` sees it.
 
+There must be exactly one class, so that the CLI's `except StreamspecError` catches
+errors raised in every part; it lives in `streamspec/errors.py` (which imports nothing)
+and is re-exported here for `from .errors import StreamspecError` inside this package.
+"""
 
-class StreamspecError(Exception):
-    """Bad input, told in one clear sentence.
+from streamspec.errors import StreamspecError
 
-    The CLI prints the message and exits 1 without a traceback, so the message must
-    stand on its own: say what is wrong and, where it helps, what to do instead.
-    """
+__all__ = ["StreamspecError"]

@@ -114,7 +114,9 @@ def weight_files(folder: Union[str, os.PathLike]) -> list[Path]:
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        hint = " (only PyTorch .bin files; re-save it with safe_serialization=True)" if any(folder.glob("*.bin")) else ""
+        hint = ""
+        if any(folder.glob("*.bin")):
+            hint = " (only PyTorch .bin files; re-save it with safe_serialization=True)"
         raise StreamspecError(f"{folder} has no safetensors weights{hint}.")
     return files
 
@@ -184,11 +186,15 @@ def load_base_state_dict(folder: Union[str, os.PathLike]) -> dict[str, "torch.Te
         try:
             state.update(load_file(str(path)))
         except Exception:
-            raise StreamspecError(f"{path} is not a readable safetensors file (corrupt or truncated).") from None
+            raise StreamspecError(
+                f"{path} is not a readable safetensors file (corrupt or truncated)."
+            ) from None
     return state
 
 
-def load_base_model(folder: Union[str, os.PathLike], dtype: Optional["torch.dtype"] = None) -> "PreTrainedModel":
+def load_base_model(
+    folder: Union[str, os.PathLike], dtype: Optional["torch.dtype"] = None
+) -> "PreTrainedModel":
     """The transformers causal LM of a model folder, in eval mode (fp32 unless told)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -272,7 +278,6 @@ def _gguf_sha256(gguf: Path) -> str:
         return entry["sha256"]
     sha = _sha256_file(gguf).hexdigest()
     index[str(gguf)] = {"key": key, "sha256": sha}
-    index_path.parent.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(index_path, index)
     return sha
 
@@ -283,6 +288,13 @@ def _gguf_sha256(gguf: Path) -> str:
 def _gguf_folder(gguf: Path, progress: bool) -> Path:
     """The cached Hugging Face folder of a GGUF file, converting it on first use."""
     base_dir = cache_root() / "base"
+    _check_gguf_magic(gguf)  # fail fast, before hashing and temp folders
+    try:
+        base_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        raise StreamspecError(
+            f"The cache folder {base_dir} cannot be created; set STREAMSPEC_CACHE to a writable folder."
+        ) from None
     try:
         sha = _gguf_sha256(gguf)
     except OSError as exc:
@@ -291,7 +303,6 @@ def _gguf_folder(gguf: Path, progress: bool) -> Path:
     dest = base_dir / f"{name}-{sha[:12]}"
     if dest.is_dir():  # only ever created by a rename of a finished conversion
         return dest
-    base_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(base_dir, dest.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=base_dir))
     try:
@@ -301,6 +312,10 @@ def _gguf_folder(gguf: Path, progress: bool) -> Path:
             Console(stderr=True).print(f"Converting {gguf.name} into {dest} (once, ~30 s)")
         _convert_gguf(gguf, tmp)
         _write_json_atomic(tmp / SOURCE_FILE, {"gguf": str(gguf), "sha256": sha})
+        # mkdtemp (and the safetensors writer) make things private; the cache is not.
+        os.chmod(tmp, 0o755)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
         try:
             os.rename(tmp, dest)
         except OSError:
@@ -321,12 +336,19 @@ def _remove_stale_temps(base_dir: Path, name: str, max_age_s: float = 3600.0) ->
             pass
 
 
-def _gguf_metadata(gguf: Path) -> dict[str, Any]:
-    """The GGUF key/value metadata (architecture, tokenizer, chat template)."""
-    with open(gguf, "rb") as handle:
-        magic = handle.read(4)
+def _check_gguf_magic(gguf: Path) -> None:
+    try:
+        with open(gguf, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise StreamspecError(f"{gguf} could not be read ({exc.strerror}).") from None
     if magic != b"GGUF":
         raise StreamspecError(f"{gguf} is not a GGUF file (it lacks the GGUF header).")
+
+
+def _gguf_metadata(gguf: Path) -> dict[str, Any]:
+    """The GGUF key/value metadata (architecture, tokenizer, chat template)."""
+    _check_gguf_magic(gguf)
     from gguf import GGUFReader
 
     try:
@@ -342,18 +364,25 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         supported = ", ".join(GGUF_ARCHITECTURES)
-        raise StreamspecError(f"{gguf} holds a {arch!r} GGUF model; streamspec converts {supported} GGUF files.")
+        raise StreamspecError(
+            f"{gguf} holds a {arch!r} GGUF model; streamspec converts {supported} GGUF files."
+        )
     tokenizer = gguf_tokenizer(gguf, meta)
+    check_tokenizer(tokenizer, str(gguf))
 
     import torch
     from transformers import AutoModelForCausalLM
 
     try:  # transformers shows its own progress bar while it dequantizes
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
     except Exception as exc:
         raise StreamspecError(f"{gguf} could not be converted by transformers ({exc}).") from None
     if model.config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise StreamspecError(f"{gguf} converts to a {model.config.model_type!r} model, which streamspec does not support.")
+        raise StreamspecError(
+            f"{gguf} converts to a {model.config.model_type!r} model, which streamspec does not support."
+        )
     # Special tokens come from the GGUF metadata, which is authoritative.
     for key, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
         value = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -364,6 +393,24 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     # save_jinja_files=False keeps the chat template inside tokenizer_config.json, where
     # the runtime (tokenizers + jinja2, no transformers) looks for it.
     tokenizer.save_pretrained(str(out), save_jinja_files=False)
+
+
+def check_tokenizer(tokenizer: "PreTrainedTokenizerBase", source: str) -> None:
+    """Fail early on a tokenizer that cannot serve streamspec: text must survive an
+    encode/decode round trip and a chat template, if present, must render."""
+    sample = "Hello, world! 12345\n\tdef f(x):  return x ** 2  # caf\u00e9"
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    if tokenizer.decode(ids, skip_special_tokens=True) != sample:
+        raise StreamspecError(f"The tokenizer of {source} does not round-trip text, so streamspec cannot use it.")
+    if tokenizer.chat_template:
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:
+            raise StreamspecError(f"The chat template of {source} does not render ({exc}).") from None
+        if "Hi" not in text:
+            raise StreamspecError(f"The chat template of {source} drops the user's message.")
 
 
 # llama.cpp pre-tokenizer names whose split is the GPT-2 regex, with or without single
@@ -387,7 +434,8 @@ def gguf_tokenizer(gguf: Path, meta: Optional[dict[str, Any]] = None) -> "PreTra
     except Exception as exc:
         raise StreamspecError(f"The tokenizer in {gguf} could not be converted ({exc}).") from None
     tokens = meta.get("tokenizer.ggml.tokens") or []
-    for key, attr in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token"), ("unknown", "unk_token")):
+    names = (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token"), ("unknown", "unk_token"))
+    for key, attr in names:
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None and 0 <= int(token_id) < len(tokens):
             setattr(tokenizer, attr, tokens[int(token_id)])
@@ -411,15 +459,15 @@ def _byte_level_bpe_tokenizer(meta: dict[str, Any], split_digits: bool) -> "PreT
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if split_digits:  # llama.cpp's "smollm" family: each digit is its own pre-token
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
     else:
         tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
     # GGUF token types: 3 = control (special), 4 = user-defined (added, not special).
-    tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, token_types) if kind == 3]
-    )
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, token_types) if kind == 4])
+    typed = list(zip(tokens, token_types))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in typed if k == 3])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in typed if k == 4])
 
     def token(key: str) -> Optional[str]:
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")

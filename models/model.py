@@ -271,7 +271,7 @@ class Transformer(nn.Module):
         x = hidden
         row_positions = positions
         if g:
-            exit_logits = self.head(hidden + F.linear(F.linear(hidden, self.exit_A), self.exit_B))
+            exit_logits = self.exit_head(hidden)
             stream_rows = (hidden[:, :, None, :] + self.stream_embed).reshape(b, n * g, d)
             x = torch.cat([hidden, stream_rows], dim=1)
             row_positions = torch.cat([positions, positions.repeat_interleave(g, dim=1)], dim=1)
@@ -292,6 +292,28 @@ class Transformer(nn.Module):
         """One step: tokens, positions [B, N]; the backend holds tree mask and KV cache."""
         hidden = self.lower(tokens, positions, attention)
         return self.upper(hidden, positions, attention, with_streams and self.streams is not None)
+
+    def exit_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Early-exit logits (tree pruning): hidden [B, N, D] at the insertion layer -> [B, N, V]."""
+        return self.head(hidden + F.linear(F.linear(hidden, self.exit_A), self.exit_B))
+
+    def stream_upper(self, hidden: torch.Tensor, positions: torch.Tensor,
+                     attention: AttentionBackend) -> torch.Tensor:
+        """Stream rows alone through the MSA layers (lossless training): -> [B, N, γ, V].
+
+        hidden: [B, N, D] main rows at the insertion layer, positions [B, N]. The main
+        rows are not computed: in lossless mode they are the frozen base model, so the
+        backend supplies their keys and values from a pass without gradient (see
+        `attention.MainKVAttention`). Rows are laid out as the stream rows of `upper`
+        (stream j of node n at n*γ + j - 1); they equal `upper`'s stream logits.
+        """
+        b, n, d = hidden.shape
+        g = self.num_streams
+        x = (hidden[:, :, None, :] + self.stream_embed).reshape(b, n * g, d)
+        rope = self.rope(positions.repeat_interleave(g, dim=1))
+        for i in range(self.msa_start, self.config.num_layers):
+            x = self.layers[i](x, rope, attention, i, 0)  # every row is a stream row
+        return self.head(x).reshape(b, n, g, -1)
 
 
 # --------------------------------------------------------------------------------------

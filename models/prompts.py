@@ -151,35 +151,69 @@ def _file_prompts(path: Path, rel: str) -> Iterator[tuple[str, str, str]]:
         if code_after_doc and (not doc_node or doc_node.lineno > node.lineno):
             skip = (doc_node.lineno, doc_node.end_lineno) if doc_node else (0, 0)
             code = _code(lines, node.lineno, node.end_lineno, skip)
-            n_lines = sum(1 for line in code.splitlines() if line.strip() and not line.strip().startswith("#"))
-            message = f"Explain what this Python {what} from the `{module}` module does.\n\n```python\n{code}\n```"
+            stripped = [line.strip() for line in code.splitlines()]
+            n_lines = sum(1 for line in stripped if line and not line.startswith("#"))
+            message = (
+                f"Explain what this Python {what} from the `{module}` module does."
+                f"\n\n```python\n{code}\n```"
+            )
             if EXPLAIN_LINES[0] <= n_lines <= EXPLAIN_LINES[1] and len(message) <= MAX_CHARS:
                 yield "explain", name, message
 
 
-def iter_prompts(root: Optional[Path] = None) -> Iterator[dict]:
-    """All prompt records of the standard library (or of `root`), deterministic order."""
+def collect_prompts(root: Optional[Path] = None, limit: Optional[int] = None) -> list[dict]:
+    """Prompt records of the standard library (or of `root`), in a deterministic order.
+
+    Without `limit`: every prompt, files in path order, each file's in source order.
+    With `limit`: files are visited in the order of a hash of their path, each gives at
+    most limit/20 prompts, and the held-out split gets its HELDOUT_PERCENT share, so a
+    small harvest is quick (it parses only the files it needs) yet still mixes many
+    files, all kinds and both splits.
+    """
     root = Path(root) if root is not None else stdlib_root()
+    files = [(path, path.relative_to(root).as_posix()) for path in source_files(root)]
+    quota: Optional[dict[str, int]] = None
+    per_file = None
+    if limit is not None:
+        files.sort(key=lambda item: hashlib.sha256(item[1].encode("utf-8")).hexdigest())
+        heldout = round(limit * HELDOUT_PERCENT / 100)
+        quota = {"train": limit - heldout, "heldout": heldout}
+        per_file = -(-limit // 20)
     seen_content: set[str] = set()
-    seen_ids: dict[str, int] = {}
-    for path in source_files(root):
-        rel = path.relative_to(root).as_posix()
+    records: list[dict] = []
+    for path, rel in files:
+        split = split_of(rel)
+        if quota is not None and quota[split] == 0:
+            continue  # this split is full: do not even parse the file
+        seen_ids: dict[str, int] = {}
+        taken = 0
         for kind, name, message in _file_prompts(path, rel):
-            digest = hashlib.sha256(message.encode("utf-8")).hexdigest()
-            if digest in seen_content:  # the same text twice teaches nothing new
-                continue
-            seen_content.add(digest)
             base_id = f"{kind}:{_module_name(rel)}" + (f":{name}" if name else "")
             # A name can repeat in one file (property setters, platform branches).
             seen_ids[base_id] = seen_ids.get(base_id, 0) + 1
             record_id = base_id if seen_ids[base_id] == 1 else f"{base_id}#{seen_ids[base_id]}"
-            yield {
-                "id": record_id,
-                "kind": kind,
-                "source": rel,
-                "split": split_of(rel),
-                "messages": [{"role": "user", "content": message}],
-            }
+            digest = hashlib.sha256(message.encode("utf-8")).hexdigest()
+            if digest in seen_content:  # the same text twice teaches nothing new
+                continue
+            if quota is not None:
+                if taken == per_file or quota[split] == 0:
+                    break
+                quota[split] -= 1
+                taken += 1
+            seen_content.add(digest)
+            records.append(
+                {
+                    "id": record_id,
+                    "kind": kind,
+                    "source": rel,
+                    "split": split,
+                    "messages": [{"role": "user", "content": message}],
+                }
+            )
+        if quota is not None and not any(quota.values()):
+            break
+    # Path order for reading; sort is stable, so each file keeps its source order.
+    return sorted(records, key=lambda record: record["source"])
 
 
 def harvest(
@@ -187,17 +221,12 @@ def harvest(
 ) -> dict[str, int]:
     """Write `train.jsonl` and `heldout.jsonl` into `out_dir`; return the counts.
 
-    With `limit`, a deterministic spread-out subset of `limit` prompts is kept (those
-    with the smallest hash of their id), so a small harvest still mixes files, kinds
-    and both splits. Counts are keyed "train", "heldout" and "<split>/<kind>".
+    Counts are keyed "train", "heldout" and "<split>/<kind>". With `limit`, at most
+    `limit` prompts are kept, spread over files as `collect_prompts` describes.
     """
     if limit is not None and limit < 1:
         raise StreamspecError(f"The prompt limit must be at least 1, got {limit}.")
-    records = list(iter_prompts(root))
-    if limit is not None and limit < len(records):
-        rank = {r["id"]: hashlib.sha256(r["id"].encode("utf-8")).hexdigest() for r in records}
-        keep = set(sorted(rank, key=rank.get)[:limit])
-        records = [r for r in records if r["id"] in keep]
+    records = collect_prompts(root, limit)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

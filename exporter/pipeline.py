@@ -1,0 +1,309 @@
+"""Checkpoint or base model -> deployable folder (runtime/folder.py documents the folder).
+
+    export(spec, out_dir)              resolve a checkpoint folder or a base-model spec
+    export_model(model, tok_dir, out)  trace a `Transformer` object
+
+The folder is assembled in a temporary sibling and renamed into place only when it is
+complete and a smoke generation on it has run, so a failed export leaves nothing
+half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from streamspec import __version__
+from streamspec.errors import StreamspecError
+from streamspec.models.model import Transformer
+from streamspec.runtime.folder import CONFIG_FILE, FORMAT, FORMAT_VERSION
+
+from . import custom, portable, sampler, step
+from . import ops  # noqa: F401  (registers torch.ops.streamspec.*)
+
+BACKENDS = {"portable": portable, "custom": custom}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data
+TRACE_CACHE_LENGTH = 64  # the cache length is a dynamic dimension; any value traces
+
+
+def export(spec: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], **options: Any) -> Path:
+    """Export a streamspec checkpoint folder, or a base model ("default", a Hugging Face
+    folder or a .gguf file) for autoregressive use. Options: see `export_model`."""
+    model, tokenizer_dir, source = load_source(spec)
+    return export_model(model, tokenizer_dir, out_dir, source=source, **options)
+
+
+def load_source(spec: Union[str, os.PathLike]) -> tuple[Transformer, Path, dict[str, str]]:
+    """(model, folder with the tokenizer, source description) for an export spec."""
+    from streamspec.models import errors as model_errors
+
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir() and (path / CONFIG_FILE).is_file():
+            if (path / MODEL_FILE).is_file():
+                raise StreamspecError(f"{path} is already an exported folder; pass a checkpoint or a base model.")
+            try:
+                from streamspec.models.checkpoint import load_checkpoint
+            except ImportError:
+                raise StreamspecError("This streamspec cannot read checkpoints yet (models.checkpoint is missing).") from None
+            return load_checkpoint(path).eval(), path, {"kind": "checkpoint", "name": str(path)}
+        from streamspec.models.loading import resolve_base
+        from streamspec.models.model import build_model
+
+        base = resolve_base(spec)
+        return build_model(base), base, {"kind": "base", "name": str(spec)}
+    except model_errors.StreamspecError as error:  # the models package has its own class
+        raise StreamspecError(str(error)) from None
+
+
+def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], *,
+                 dtype: str = "fp32", max_length: Optional[int] = None, candidates: int = 8,
+                 full_logits: bool = False, backend: str = "portable", budget: int = 8, slim: bool = True,
+                 force: bool = False, source: Optional[dict[str, str]] = None, progress: bool = True) -> Path:
+    """Trace `model` into a deployable folder at `out_dir` and return its path.
+
+    dtype: "fp32" or "fp16" weights, activations and KV cache. max_length: the largest
+    cache (default: the model's positions, at most 2048). candidates: K of every
+    top-K output. full_logits: also output the main stream's logits [O, V]. backend:
+    "portable" (GroupQueryAttention) or "custom" (streamspec.TreeAttention). budget:
+    the runtime's default number of draft nodes. slim: run onnxslim on the graph.
+    """
+    out_dir = Path(out_dir).expanduser().resolve()
+    tokenizer_dir = Path(tokenizer_dir)
+    max_length = _check_options(model, tokenizer_dir, out_dir, dtype, max_length, candidates, backend, budget, force)
+    say = _reporter(progress)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        if dtype != "fp32":
+            model = copy.deepcopy(model).to(DTYPES[dtype])
+        say(f"Tracing the step graph ({backend} attention, {dtype})")
+        proto = trace(model, candidates, full_logits, backend)
+        if slim:
+            say("Simplifying the graph (onnxslim)")
+            proto = simplify(proto)
+        say(f"Writing {out_dir.name}")
+        external = _save(proto, tmp)
+        names = _io_names(proto)
+        config = deploy_config(model, dtype, max_length, candidates, full_logits, backend, budget, external, names,
+                               source or {"kind": "model", "name": type(model).__name__})
+        config["tokenizer"] = copy_tokenizer(tokenizer_dir, tmp)
+        config["tokens"] = token_ids(model, tokenizer_dir)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if backend == "portable":
+            say("Checking the folder with a short generation")
+            smoke_test(tmp)
+        _move_into_place(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# -------------------------------------------------------------------------- steps
+def trace(model: Transformer, candidates: int, full_logits: bool, backend: str):
+    """The step graph as an ONNX ModelProto (torch.onnx dynamo export)."""
+    attention = BACKENDS[backend]
+    attention.register_schema()
+    graph = step.StepGraph(model.eval(), candidates, full_logits).eval()
+    num_layers = model.config.num_layers
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph, step.example_inputs(model, TRACE_CACHE_LENGTH), dynamo=True,
+            dynamic_shapes=step.dynamic_shapes(model),
+            input_names=list(step.STEP_INPUTS) + step.cache_names(num_layers),
+            output_names=step.output_names(model, full_logits),
+            custom_translation_table={torch.ops.streamspec.tree_attention.default: attention.tree_attention,
+                                      torch.ops.streamspec.sample_tokens.default: sampler.sample_tokens})
+    quiet.setLevel(level)
+    proto = program.model_proto
+    _drop_unused_inputs(proto)
+    return proto
+
+
+def _drop_unused_inputs(proto) -> None:
+    # E.g. tree_parent, which only the custom backend reads, or stream_nodes of a base model.
+    used = {name for node in proto.graph.node for name in node.input}
+    used |= {name for node in proto.graph.node for attr in node.attribute if attr.g for n in attr.g.node
+             for name in n.input}
+    for value in list(proto.graph.input):
+        if value.name not in used:
+            proto.graph.input.remove(value)
+
+
+def simplify(proto):
+    """onnxslim (constant folding, common subexpressions, dead nodes); the graph is kept
+    unchanged where it fails, since a slower graph beats no graph."""
+    try:
+        import onnxslim
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            slimmed = onnxslim.slim(proto)
+        return slimmed if slimmed is not None else proto
+    except Exception as error:  # onnxslim raises many types on graphs it cannot handle
+        warnings.warn(f"onnxslim could not simplify the graph ({error}); keeping it as traced.")
+        return proto
+
+
+def _save(proto, folder: Path) -> Optional[str]:
+    """Write model.onnx; weights go to model.onnx.data when large. Returns that name or None."""
+    import onnx
+
+    external = proto.ByteSize() > EXTERNAL_DATA_BYTES if _fits_protobuf(proto) else True
+    onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=external,
+                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+    return DATA_FILE if external else None
+
+
+def _fits_protobuf(proto) -> bool:
+    try:
+        return proto.ByteSize() < (1 << 31)
+    except Exception:  # protobuf refuses to size messages over 2 GiB
+        return False
+
+
+def _io_names(proto) -> dict[str, list[str]]:
+    return {"inputs": [v.name for v in proto.graph.input], "outputs": [v.name for v in proto.graph.output]}
+
+
+def deploy_config(model: Transformer, dtype: str, max_length: int, candidates: int, full_logits: bool,
+                  backend: str, budget: int, external: Optional[str], names: dict[str, list[str]],
+                  source: dict[str, str]) -> dict[str, Any]:
+    """streamspec.json without the tokenizer and token sections."""
+    cfg = model.config
+    streams = model.streams
+    num_layers = cfg.num_layers
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "exporter_version": __version__,
+        "model": {key: getattr(cfg, key) for key in ("family", "model_type", "vocab_size", "hidden_size",
+                                                     "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                                     "max_position_embeddings")},
+        "streams": None if streams is None else {"num_streams": streams.num_streams,
+                                                 "num_msa_layers": streams.num_msa_layers, "mode": streams.mode},
+        "attention": {"backend": backend,
+                      "op": "com.microsoft.GroupQueryAttention" if backend == "portable"
+                      else f"{custom.DOMAIN}.{custom.OP_TYPE}",
+                      "stream_nodes": "all" if backend == "custom" else "any"},
+        "graph": {"file": MODEL_FILE, "external_data": external, "dtype": dtype,
+                  "candidates": min(candidates, cfg.vocab_size), "full_logits": full_logits,
+                  "max_length": max_length, "inputs": names["inputs"], "outputs": names["outputs"],
+                  "cache_inputs": step.cache_names(num_layers), "cache_outputs": step.cache_names(num_layers, "_out")},
+        "tree": {"budget": budget},
+        "source": source,
+    }
+
+
+def copy_tokenizer(tokenizer_dir: Path, folder: Path) -> dict[str, Any]:
+    """Copy tokenizer.json and write chat_template.jinja; return the tokenizer section."""
+    shutil.copy2(tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
+    config = _read_json(tokenizer_dir / "tokenizer_config.json")
+    special = _read_json(tokenizer_dir / "special_tokens_map.json")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if not template and (tokenizer_dir / "chat_template.jinja").is_file():
+        template = (tokenizer_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    if template:
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+    def token(name: str) -> Optional[str]:
+        value = config.get(name) or special.get(name)
+        return value.get("content") if isinstance(value, dict) else value
+
+    return {"file": "tokenizer.json", "chat_template": "chat_template.jinja" if template else None,
+            "bos_token": token("bos_token"), "eos_token": token("eos_token")}
+
+
+def token_ids(model: Transformer, tokenizer_dir: Path) -> dict[str, Any]:
+    """End-of-sequence ids: the model config's and the generation config's (what
+    transformers' generate stops at)."""
+    eos = [int(t) for t in model.config.eos_token_ids]
+    generation = _read_json(tokenizer_dir / "generation_config.json")
+    extra = generation.get("eos_token_id")
+    for t in ([extra] if isinstance(extra, int) else extra or []):
+        if int(t) not in eos:
+            eos.append(int(t))
+    return {"eos_token_ids": eos, "bos_token_id": model.config.bos_token_id,
+            "pad_token_id": generation.get("pad_token_id")}
+
+
+def smoke_test(folder: Path) -> None:
+    """A two-token generation on the finished folder, speculative when it has streams."""
+    from streamspec.runtime import Engine
+
+    try:
+        engine = Engine(folder, provider="cpu", max_length=min(64, _read_json(folder / CONFIG_FILE)["graph"]["max_length"]))
+        engine.generate([0, 1, 2], max_new_tokens=3, ignore_eos=True)
+    except Exception as error:
+        raise StreamspecError(f"The exported graph does not run in onnxruntime ({error}).") from error
+
+
+# -------------------------------------------------------------------------- helpers
+def _check_options(model: Transformer, tokenizer_dir: Path, out_dir: Path, dtype: str, max_length: Optional[int],
+                   candidates: int, backend: str, budget: int, force: bool) -> int:
+    if dtype not in DTYPES:
+        raise StreamspecError(f"--dtype must be fp32 or fp16, got {dtype!r}.")
+    if backend not in BACKENDS:
+        raise StreamspecError(f"--backend must be portable or custom, got {backend!r}.")
+    positions = model.config.max_position_embeddings
+    max_length = int(max_length or min(positions, 2048))
+    if not 16 <= max_length <= positions:
+        raise StreamspecError(f"--max-length must be between 16 and the model's {positions} positions, "
+                              f"got {max_length}.")
+    if candidates < 1:
+        raise StreamspecError(f"--candidates must be at least 1, got {candidates}.")
+    if budget < 0:
+        raise StreamspecError(f"--budget must be >= 0, got {budget}.")
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise StreamspecError(f"{tokenizer_dir} has no tokenizer.json, which the runtime needs.")
+    if out_dir.exists() and not force:
+        raise StreamspecError(f"{out_dir} already exists; pass --force to replace it.")
+    if out_dir.exists() and not (out_dir.is_dir() and (out_dir / CONFIG_FILE).is_file()):
+        raise StreamspecError(f"{out_dir} exists and is not an exported folder; refusing to replace it.")
+    return max_length
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _reporter(progress: bool):
+    if not progress:
+        return lambda message: None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return lambda message: console.print(f"[bold]export[/bold] {message}")

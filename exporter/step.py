@@ -1,0 +1,175 @@
+"""The step graph: one forward pass of the engine, as a traceable `nn.Module`.
+
+Inputs (N tree nodes, M rows to compact, L nodes whose streams are wanted, O nodes
+whose outputs are wanted, C cache rows, γ streams, K candidates):
+
+    input_ids    int64 [N]        tokens of the tree nodes (a prompt is a chain)
+    positions    int64 [N]        past_length + depth
+    tree_mask    bool  [N, N]     node j is node i or one of its ancestors
+    tree_parent  int32 [N]        parent node, -1 for the root (custom backend only)
+    past_length  int64 [1]        committed cache rows, counting the M compacted ones
+    compact_src  int64 [M]        cache rows that move to [past_length - M, past_length)
+    stream_nodes int64 [L]        nodes that get stream rows (all for a tree, none for AR)
+    output_nodes int64 [O]        nodes whose main-stream outputs come out
+    temperature  float32 [1], top_k int64 [1], top_p float32 [1], uniform float32 [O]
+    key_cache.i, value_cache.i  [1, KV, C, D]  per layer, written in place
+
+Outputs:
+
+    main_ids, main_probs      [O, K]      main stream top-K (probabilities at T = 1)
+    sampled_ids               [O]         exact draw under temperature / top-k / top-p
+    stream_ids, stream_probs  [L, γ, K]   stream j of node stream_nodes[l]: token l + 1 + j
+    exit_ids, exit_probs      [O, K]      early-exit top-K (for tree pruning)
+    logits                    [O, V]      only when exported with full logits
+    key_cache_out.i, value_cache_out.i    the caches (same buffers as the inputs)
+
+Only the selected rows go through the LM head, so a prefill computes logits for its
+last token only and autoregressive steps of an MSA model run no stream rows at all.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from streamspec.models.model import Transformer
+
+from . import ops  # noqa: F401  (registers torch.ops.streamspec.*)
+
+STEP_INPUTS = ("input_ids", "positions", "tree_mask", "tree_parent", "past_length", "compact_src",
+               "stream_nodes", "output_nodes", "temperature", "top_k", "top_p", "uniform")
+
+
+def cache_names(num_layers: int, suffix: str = "") -> list[str]:
+    """["key_cache.0", "value_cache.0", ...] (suffix "_out" for the outputs)."""
+    return [f"{kind}_cache{suffix}.{i}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def output_names(model: Transformer, full_logits: bool) -> list[str]:
+    names = ["main_ids", "main_probs", "sampled_ids"]
+    if model.num_streams:
+        names += ["stream_ids", "stream_probs", "exit_ids", "exit_probs"]
+    if full_logits:
+        names.append("logits")
+    return names + cache_names(model.config.num_layers, "_out")
+
+
+class GraphAttention:
+    """Attention backend for tracing: every layer becomes one `streamspec::tree_attention`.
+
+    It records each layer's cache outputs so that the step can return them.
+    """
+
+    def __init__(self, caches: list[torch.Tensor], step: dict[str, torch.Tensor], msa_start: int,
+                 num_streams: int):
+        self.caches = caches
+        self.step = step
+        self.msa_start = msa_start
+        self.num_streams = num_streams
+        self.present: list[Optional[torch.Tensor]] = [None] * len(caches)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        """q [1, H, R, D], k, v [1, KV, R, D] -> [1, H, R, D]."""
+        _, heads, rows, dim = q.shape
+        kv_heads = k.shape[1]
+        key_cache, value_cache = self.caches[2 * layer], self.caches[2 * layer + 1]
+        # RoPE tables are float32, so a float16 model's q and k arrive as float32.
+        as_rows = lambda t, h: t.transpose(1, 2).reshape(1, rows, h * dim).to(key_cache.dtype)  # noqa: E731
+        s = self.step
+        out, key_out, value_out = torch.ops.streamspec.tree_attention(
+            as_rows(q, heads), as_rows(k, kv_heads), as_rows(v, kv_heads), key_cache, value_cache,
+            s["past_length"], s["tree_mask"], s["tree_parent"], s["stream_nodes"], s["compact_src"],
+            heads, kv_heads, float(scale), self.num_streams if layer >= self.msa_start else 0)
+        self.present[2 * layer], self.present[2 * layer + 1] = key_out, value_out
+        return out.reshape(1, rows, heads, dim).transpose(1, 2).to(v.dtype)
+
+
+class StepGraph(nn.Module):
+    """`Transformer` -> the step graph described in the module docstring."""
+
+    def __init__(self, model: Transformer, candidates: int = 8, full_logits: bool = False):
+        super().__init__()
+        self.model = model
+        self.candidates = min(candidates, model.config.vocab_size)
+        self.full_logits = full_logits
+
+    def _top(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., V] float32 -> ids [..., K] and their softmax probabilities [..., K].
+
+        TopK runs on the logits, not on probabilities, so the order (and greedy's
+        argmax) is never changed by rounding in the softmax.
+        """
+        values, ids = torch.topk(logits, self.candidates, dim=-1)
+        return ids, torch.exp(values - torch.logsumexp(logits, dim=-1, keepdim=True))
+
+    def _upper(self, hidden: torch.Tensor, positions: torch.Tensor, attention: GraphAttention,
+               stream_nodes: torch.Tensor, output_nodes: torch.Tensor):
+        """`Transformer.upper` with stream rows for `stream_nodes` only and the LM head on
+        the selected rows only. Returns hidden rows [1, R, D] of the last layer."""
+        model = self.model
+        b, n, d = hidden.shape
+        g = model.num_streams
+        x, row_positions = hidden, positions
+        if g:
+            chosen = hidden[:, stream_nodes]  # [1, L, D]
+            stream_rows = (chosen[:, :, None, :] + model.stream_embed).reshape(b, -1, d)
+            x = torch.cat([hidden, stream_rows], dim=1)
+            chosen_positions = positions[:, stream_nodes]
+            stream_positions = chosen_positions[:, :, None].expand(b, chosen_positions.shape[1], g)
+            row_positions = torch.cat([positions, stream_positions.reshape(b, -1)], dim=1)
+        rope = model.rope(row_positions) if model.pos_embed is None else None
+        adapted_from = n if (model.streams and model.streams.mode == "lossless") else 0
+        for i in range(model.msa_start, model.config.num_layers):
+            x = model.layers[i](x, rope, attention, i, adapted_from)
+        return x
+
+    def forward(self, input_ids, positions, tree_mask, tree_parent, past_length, compact_src, stream_nodes,
+                output_nodes, temperature, top_k, top_p, uniform, caches: list[torch.Tensor]):
+        model = self.model
+        step = dict(past_length=past_length, tree_mask=tree_mask, tree_parent=tree_parent,
+                    stream_nodes=stream_nodes, compact_src=compact_src)
+        attention = GraphAttention(caches, step, model.msa_start, model.num_streams)
+        tokens, rows = input_ids[None], positions[None]
+        hidden = model.lower(tokens, rows, attention)
+        x = self._upper(hidden, rows, attention, stream_nodes, output_nodes)
+        n = hidden.shape[1]
+        main_logits = model.head(x[:, output_nodes])[0].float()  # [O, V]
+        main_ids, main_probs = self._top(main_logits)
+        sampled = torch.ops.streamspec.sample_tokens(main_logits, temperature, top_k, top_p, uniform)
+        outputs = [main_ids, main_probs, sampled]
+        if model.num_streams:
+            g, vocab = model.num_streams, model.config.vocab_size
+            stream_logits = model.head(x[:, n:])[0].float().reshape(stream_nodes.shape[0], g, vocab)
+            exit_logits = model.exit_head(hidden[:, output_nodes])[0].float()
+            outputs += [*self._top(stream_logits), *self._top(exit_logits)]
+        if self.full_logits:
+            outputs.append(main_logits)
+        return tuple(outputs + attention.present)
+
+
+def example_inputs(model: Transformer, cache_length: int) -> tuple:
+    """Inputs for tracing. Every dynamic size is >= 2 and distinct, so that
+    `torch.export` specialises none of them (it does so for sizes 0 and 1)."""
+    n, m, l, o = 5, 2, 3, 4
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    tree_mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    caches = [torch.zeros(1, cfg.num_kv_heads, cache_length, cfg.head_dim, dtype=dtype)
+              for _ in range(2 * cfg.num_layers)]
+    return (torch.arange(n, dtype=torch.int64) + 10, torch.arange(n, dtype=torch.int64) + 10, tree_mask,
+            torch.arange(-1, n - 1, dtype=torch.int32), torch.tensor([10]), torch.tensor([11, 12]),
+            torch.arange(l, dtype=torch.int64), torch.arange(o, dtype=torch.int64),
+            torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]), torch.full((o,), 0.5), caches)
+
+
+def dynamic_shapes(model: Transformer) -> tuple:
+    """torch.export dynamic dimensions matching `example_inputs`."""
+    dim = torch.export.Dim
+    n, m = dim("nodes", min=1, max=1 << 16), dim("compacted", min=0, max=1 << 10)
+    l, o = dim("stream_nodes", min=0, max=1 << 16), dim("output_nodes", min=1, max=1 << 16)
+    c = dim("cache_length", min=16, max=1 << 20)
+    cache = [{2: c} for _ in range(2 * model.config.num_layers)]
+    return ({0: n}, {0: n}, {0: n, 1: n}, {0: n}, None, {0: m}, {0: l}, {0: o}, None, None, None, {0: o}, cache)

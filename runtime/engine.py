@@ -1,0 +1,292 @@
+"""`Engine`: speculative (or autoregressive) generation on ONNX Runtime.
+
+    engine = Engine("smollm2-onnx")
+    result = engine.generate("Tell me about owls.", max_new_tokens=64)
+    for piece in engine.stream([{"role": "user", "content": "Hi!"}]): print(piece, end="")
+
+One step (DESIGN.md): the tree is the correction token plus the `budget` most probable
+draft nodes from the last accepted node's streams (`tree.build_tree`); one forward pass
+verifies it and drafts the next tree; `tree.accept` walks it with the model's own
+choice at each node (argmax, or an exact in-graph sample), so the output is exactly
+what autoregressive decoding of the same weights produces (greedy: token for token;
+sampling: in distribution).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from streamspec.errors import StreamspecError
+
+from .folder import read_folder
+from .sampling import SamplingParams
+from .session import StepSession
+from .tokenizer import TextStream, Tokenizer, first_stop
+from .tree import Tree, accept, build_tree, chain_tree, single_node_tree
+
+Prompt = Union[str, Sequence[int], list[dict[str, Any]]]
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class GenerationStats:
+    """What one generation did; everything a benchmark needs."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    speculative: bool = False
+    steps: int = 0  # forward passes after the prefill
+    accepted: list[int] = field(default_factory=list)  # draft tokens accepted per step
+    tree_sizes: list[int] = field(default_factory=list)  # nodes per step
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    model_seconds: float = 0.0  # inside onnxruntime (prefill included)
+    stop_reason: str = "length"  # "length" | "eos" | "stop"
+
+    @property
+    def forward_passes(self) -> int:
+        return self.steps + 1
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens committed per step: 1 (the correction token) + accepted drafts."""
+        return 1.0 + (sum(self.accepted) / len(self.accepted) if self.accepted else 0.0)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def host_seconds(self) -> float:
+        """Time outside onnxruntime: tree building, acceptance, binding, decoding text."""
+        return max(self.total_seconds - self.model_seconds, 0.0)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_seconds if self.total_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """New tokens after the first (which the prefill gives) per second of decoding."""
+        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        names = ("prompt_tokens", "new_tokens", "speculative", "steps", "forward_passes", "mean_accepted_length",
+                 "prefill_seconds", "decode_seconds", "model_seconds", "host_seconds", "tokens_per_second",
+                 "decode_tokens_per_second", "stop_reason")
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+
+
+class Engine:
+    """A deployable folder loaded on ONNX Runtime: one session, one KV cache.
+
+    provider: "auto" (CUDA when available), "cpu" or "cuda". max_length: cache rows
+    (default and maximum: the exported max length). budget: draft nodes per tree
+    (default from streamspec.json). compaction: "auto", "host" or "graph" (see
+    session.py; auto = host on CPU, graph on CUDA).
+    """
+
+    def __init__(self, folder: Union[str, os.PathLike], provider: str = "auto", max_length: Optional[int] = None,
+                 budget: Optional[int] = None, threads: Optional[int] = None, compaction: str = "auto"):
+        self.config = read_folder(folder)
+        self.budget = self.config.default_budget if budget is None else int(budget)
+        if self.budget < 0:
+            raise StreamspecError(f"The tree budget must be >= 0, got {self.budget}.")
+        self.session = StepSession(self.config, provider, max_length, threads, compaction)
+        self.tokenizer = Tokenizer(self.config)
+        self.last_result: Optional[Generation] = None
+
+    @property
+    def max_length(self) -> int:
+        return self.session.max_length
+
+    @property
+    def can_speculate(self) -> bool:
+        return self.config.num_streams > 0
+
+    # ---------------------------------------------------------------- public API
+    def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, stop: Optional[Sequence[str]] = None, seed: Optional[int] = None,
+                 speculative: bool = True, ignore_eos: bool = False) -> Generation:
+        """Generate a completion. `prompt` is text, a list of chat messages (the chat
+        template is applied) or token ids. Greedy when temperature is 0."""
+        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, top_k, stop, seed, speculative, ignore_eos):
+            pass
+        return self.last_result
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, stop: Optional[Sequence[str]] = None, seed: Optional[int] = None,
+               speculative: bool = True, ignore_eos: bool = False) -> Iterator[str]:
+        """Like `generate`, yielding text as it is committed; the full result is then in
+        `engine.last_result`. Arguments are checked before the generator is returned."""
+        ids = self.prompt_ids(prompt)
+        params = SamplingParams(float(temperature), float(top_p), int(top_k), seed)
+        params.validate()
+        self._check_length(len(ids), max_new_tokens)
+        stops = [s for s in (stop or []) if s]
+        stats = GenerationStats(prompt_tokens=len(ids), speculative=speculative and self.can_speculate)
+        tokens = self._tokens(ids, max_new_tokens, params, stats.speculative, ignore_eos, stats)
+        return self._text(tokens, stops, stats)
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.encode_chat(list(prompt))
+        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            ids = [int(t) for t in prompt]
+            if any(not 0 <= t < self.config.vocab_size for t in ids):
+                raise StreamspecError(f"Token ids must be in [0, {self.config.vocab_size}).")
+        else:
+            raise StreamspecError("The prompt must be text, a list of chat messages or a list of token ids.")
+        if not ids:
+            raise StreamspecError("The prompt is empty.")
+        return ids
+
+    # ---------------------------------------------------------------- internals
+    def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise StreamspecError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        # The custom op writes stream rows for every node, the last step included.
+        slack = self.config.num_streams if self.config.streams_for_all_nodes else 0
+        if prompt_tokens + max_new_tokens + slack > self.max_length:
+            raise StreamspecError(
+                f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) exceed the maximum "
+                f"length of {self.max_length} tokens; shorten the prompt or lower max_new_tokens.")
+
+    def _run(self, tree: Tree, past: int, compact_src: np.ndarray, stream_nodes: np.ndarray,
+             output_nodes: np.ndarray, sampling: dict[str, np.ndarray], rng: np.random.Generator,
+             stats: GenerationStats) -> dict[str, np.ndarray]:
+        feeds = dict(sampling)
+        feeds.update(
+            input_ids=tree.tokens, positions=tree.positions(past), tree_mask=tree.ancestor_mask(),
+            tree_parent=tree.parents.astype(np.int32), past_length=np.array([past], dtype=np.int64),
+            compact_src=compact_src, stream_nodes=stream_nodes, output_nodes=output_nodes,
+            uniform=rng.random(len(output_nodes), dtype=np.float32))
+        start = time.perf_counter()
+        out = self.session.run(feeds)
+        stats.model_seconds += time.perf_counter() - start
+        return out
+
+    def _stream_nodes(self, nodes: int, drafting: bool) -> np.ndarray:
+        """The nodes that get stream rows: all when drafting (or when the custom op's row
+        layout wants them anyway), none otherwise."""
+        if drafting or (self.can_speculate and self.config.streams_for_all_nodes):
+            return np.arange(nodes, dtype=np.int64)
+        return _NO_ROWS
+
+    def _tokens(self, prompt: list[int], max_new_tokens: int, params: SamplingParams, speculative: bool,
+                ignore_eos: bool, stats: GenerationStats) -> Iterator[list[int]]:
+        """Yield the tokens each forward pass commits (cut at EOS and max_new_tokens)."""
+        rng = np.random.default_rng(params.seed)
+        sampling = dict(temperature=np.array([params.temperature or 1.0], dtype=np.float32),
+                        top_k=np.array([params.top_k], dtype=np.int64),
+                        top_p=np.array([params.top_p], dtype=np.float32))
+        if params.greedy:
+            choose = lambda out, node: int(out["main_ids"][node, 0])  # noqa: E731
+        else:
+            choose = lambda out, node: int(out["sampled_ids"][node])  # noqa: E731
+        eos = set() if ignore_eos else set(self.config.eos_token_ids)
+        g, limit = self.config.num_streams, self.max_length
+        host_compaction = self.session.compaction == "host"
+
+        start = time.perf_counter()
+        n = len(prompt)
+        # Only the last prompt token's streams are needed for the first draft.
+        stream_nodes = self._stream_nodes(n, False)
+        if speculative and not len(stream_nodes) and n + g <= limit:
+            stream_nodes = np.array([n - 1], dtype=np.int64)
+        out = self._run(chain_tree(prompt), 0, _NO_ROWS, stream_nodes, np.array([n - 1], dtype=np.int64),
+                        sampling, rng, stats)
+        correction = choose(out, 0)
+        draft = (out["stream_ids"][-1], out["stream_probs"][-1]) if speculative and len(stream_nodes) else None
+        past, pending, produced = n, _NO_ROWS, 1
+        stats.prefill_seconds = time.perf_counter() - start
+        stats.new_tokens = 1
+        yield [correction]
+        start = time.perf_counter()
+        try:
+            while produced < max_new_tokens and correction not in eos:
+                room = limit - past  # cache rows this step may write beyond the committed ones
+                if draft is not None and room >= 2 * (1 + g):
+                    tree = build_tree(correction, draft[0], draft[1], min(self.budget, room // (1 + g) - 1))
+                else:
+                    tree = single_node_tree(correction)
+                drafting = draft is not None and room >= tree.size * (1 + g)
+                nodes = np.arange(tree.size, dtype=np.int64)
+                out = self._run(tree, past, pending, self._stream_nodes(tree.size, drafting), nodes, sampling,
+                                rng, stats)
+                path, correction = accept(tree, lambda node: choose(out, node))
+                # Rows past + path[i] move to past + i; a leading run with path[i] == i stays.
+                moved = next((i for i, node in enumerate(path) if node != i), len(path))
+                if host_compaction:
+                    if moved < len(path):
+                        self.session.compact_on_host(past + moved, [node - moved for node in path[moved:]])
+                else:
+                    pending = past + np.asarray(path[moved:], dtype=np.int64)
+                past += len(path)
+                draft = (out["stream_ids"][path[-1]], out["stream_probs"][path[-1]]) if drafting else None
+                stats.steps += 1
+                stats.accepted.append(len(path) - 1)
+                stats.tree_sizes.append(tree.size)
+                committed = _cut([int(t) for t in tree.tokens[path[1:]]] + [correction],
+                                 max_new_tokens - produced, eos)
+                produced += len(committed)
+                stats.new_tokens = produced
+                yield committed
+                correction = committed[-1]
+        finally:
+            stats.decode_seconds = time.perf_counter() - start
+        stats.stop_reason = "eos" if correction in eos else "length"
+
+    def _text(self, tokens: Iterator[list[int]], stops: list[str], stats: GenerationStats) -> Iterator[str]:
+        """Decode committed tokens into text pieces, cut before the first stop string."""
+        decoder = TextStream(self.tokenizer)
+        ids: list[int] = []
+        held, text = "", []
+        hold = max((len(s) for s in stops), default=1) - 1  # a stop string may straddle pieces
+        try:
+            for committed in tokens:
+                ids.extend(committed)
+                held += decoder.push(committed)
+                cut = first_stop(held, stops) if stops else None
+                if cut is not None:
+                    held = held[:cut]
+                    stats.stop_reason = "stop"
+                    break
+                if len(held) > hold:
+                    piece, held = held[:len(held) - hold], held[len(held) - hold:]
+                    text.append(piece)
+                    yield piece
+            else:
+                held += decoder.flush()
+                cut = first_stop(held, stops) if stops else None
+                if cut is not None:
+                    held, stats.stop_reason = held[:cut], "stop"
+        finally:
+            tokens.close()
+        if held:
+            text.append(held)
+            yield held
+        self.last_result = Generation("".join(text), ids, stats)
+
+
+def _cut(tokens: list[int], room: int, eos: set) -> list[int]:
+    """At most `room` tokens, ending at the first end-of-sequence token (kept)."""
+    tokens = tokens[:room]
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:i + 1]
+    return tokens

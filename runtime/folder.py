@@ -1,0 +1,156 @@
+"""The deployable folder that `streamspec export` writes and `Engine` reads.
+
+    model.onnx (+ model.onnx.data)   the step graph (exporter/step.py documents it)
+    streamspec.json                  everything else the runtime needs (schema below)
+    tokenizer.json                   the `tokenizers` file
+    chat_template.jinja              the chat template, when the model has one
+
+streamspec.json, format_version 1:
+
+    format            "streamspec-deployable"
+    format_version    1
+    exporter_version  streamspec version that wrote it
+    model             family, model_type, vocab_size, hidden_size, num_layers, num_heads,
+                      num_kv_heads, head_dim, max_position_embeddings
+    streams           null (plain base model) or {num_streams, num_msa_layers, mode}
+    attention         {backend: "portable" | "custom", op, stream_nodes: "any" | "all"}
+    graph             {file, external_data, dtype: "fp32" | "fp16", candidates (K),
+                       full_logits, max_length, inputs, outputs, cache_inputs, cache_outputs}
+    tokens            {eos_token_ids, bos_token_id, pad_token_id}
+    tokenizer         {file, chat_template (file name or null), bos_token, eos_token}
+    tree              {budget}: the default number of draft nodes
+    source            {kind: "base" | "checkpoint", name}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from streamspec.errors import StreamspecError
+
+FORMAT = "streamspec-deployable"
+FORMAT_VERSION = 1
+CONFIG_FILE = "streamspec.json"
+
+
+@dataclass
+class DeployConfig:
+    """streamspec.json of a deployable folder, checked."""
+
+    folder: Path
+    raw: dict[str, Any]
+
+    # -- model shape
+    @property
+    def num_layers(self) -> int:
+        return int(self.raw["model"]["num_layers"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.raw["model"]["num_kv_heads"])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.raw["model"]["head_dim"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.raw["model"]["vocab_size"])
+
+    @property
+    def num_streams(self) -> int:
+        streams = self.raw.get("streams")
+        return int(streams["num_streams"]) if streams else 0
+
+    # -- graph
+    @property
+    def graph(self) -> dict[str, Any]:
+        return self.raw["graph"]
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / self.graph["file"]
+
+    @property
+    def max_length(self) -> int:
+        return int(self.graph["max_length"])
+
+    @property
+    def dtype(self) -> str:
+        return self.graph["dtype"]
+
+    @property
+    def candidates(self) -> int:
+        return int(self.graph["candidates"])
+
+    @property
+    def backend(self) -> str:
+        return self.raw["attention"]["backend"]
+
+    @property
+    def streams_for_all_nodes(self) -> bool:
+        """The custom op's row layout has stream rows for every node."""
+        return self.raw["attention"].get("stream_nodes") == "all"
+
+    # -- tokens
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [int(t) for t in self.raw["tokens"].get("eos_token_ids") or []]
+
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        return self.raw["tokenizer"]
+
+    @property
+    def default_budget(self) -> int:
+        return int(self.raw.get("tree", {}).get("budget", 8))
+
+
+_REQUIRED = {
+    "model": ("num_layers", "num_kv_heads", "head_dim", "vocab_size"),
+    "graph": ("file", "dtype", "candidates", "max_length", "inputs", "outputs", "cache_inputs", "cache_outputs"),
+    "attention": ("backend",),
+    "tokens": (),
+    "tokenizer": ("file",),
+}
+
+
+def read_folder(folder: Union[str, os.PathLike]) -> DeployConfig:
+    """Read and check a deployable folder; one clear sentence when something is wrong."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise StreamspecError(f"{folder} is not a folder; pass the folder written by `streamspec export`.")
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise StreamspecError(f"{folder} has no {CONFIG_FILE}, so it is not a folder written by `streamspec export`.")
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise StreamspecError(f"{config_path} is not valid JSON (corrupt or truncated).") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise StreamspecError(f"{config_path} does not describe a streamspec deployable folder.")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StreamspecError(
+            f"{folder} was exported in format version {version}, but this streamspec reads version "
+            f"{FORMAT_VERSION}; export the model again with this version.")
+    for section, keys in _REQUIRED.items():
+        if not isinstance(raw.get(section), dict) or any(k not in raw[section] for k in keys):
+            raise StreamspecError(f"{config_path} lacks its {section!r} section or part of it (corrupt file).")
+    config = DeployConfig(folder, raw)
+    for name in filter(None, (config.graph["file"], config.graph.get("external_data"), config.tokenizer["file"],
+                              config.tokenizer.get("chat_template"))):
+        if not (folder / name).is_file():
+            raise StreamspecError(f"{folder} lacks {name}; export the model again.")
+    if config.backend not in ("portable", "custom"):
+        raise StreamspecError(f"{config_path} names an unknown attention backend {config.backend!r}.")
+    return config
+
+
+def chat_template(config: DeployConfig) -> Optional[str]:
+    name = config.tokenizer.get("chat_template")
+    return (config.folder / name).read_text(encoding="utf-8") if name else None

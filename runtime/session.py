@@ -1,0 +1,128 @@
+"""One ONNX Runtime session over the step graph, with its KV cache bound in place.
+
+The cache is allocated once per session: one buffer per layer and kind,
+[1, kv_heads, max_length, head_dim], bound with IO binding both as the graph's
+`key_cache.i` input and as its `key_cache_out.i` output, so GroupQueryAttention writes
+each step's rows into it and nothing else of it moves. Per step only the tree
+description is bound as input and only the small outputs (top-K ids and
+probabilities, sampled ids) come back to the host.
+
+Accepted-path compaction (rows past + path[i] -> past + i):
+  host   (CPU): the buffers are numpy arrays wrapped without copy; the few moved rows
+         are copied in place by numpy, all layers in one indexing operation.
+  graph  (GPU): the rows are handed to the next step as `compact_src`; the graph
+         gathers them and GroupQueryAttention writes them at their new place together
+         with the step's own rows (exporter/portable.py), with no host round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnxruntime as ort
+
+from streamspec.errors import StreamspecError
+
+from .folder import DeployConfig
+
+_NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def resolve_provider(provider: str) -> str:
+    """"auto" | "cpu" | "cuda" -> "cpu" or "cuda" (an error when CUDA is asked but absent)."""
+    provider = (provider or "auto").lower()
+    available = ort.get_available_providers()
+    if provider == "auto":
+        return "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    if provider == "cuda" and "CUDAExecutionProvider" not in available:
+        raise StreamspecError(
+            "CUDA was asked for, but this onnxruntime has no CUDA provider; install onnxruntime-gpu "
+            "or use --provider cpu.")
+    if provider not in ("cpu", "cuda"):
+        raise StreamspecError(f"The provider must be auto, cpu or cuda, got {provider!r}.")
+    return provider
+
+
+class StepSession:
+    """The step graph of a deployable folder, ready to run steps against its own cache."""
+
+    def __init__(self, config: DeployConfig, provider: str = "auto", max_length: Optional[int] = None,
+                 threads: Optional[int] = None, compaction: str = "auto"):
+        self.config = config
+        self.device = resolve_provider(provider)
+        self.max_length = int(max_length or config.max_length)
+        if not 16 <= self.max_length <= config.max_length:
+            raise StreamspecError(
+                f"max_length must be between 16 and the exported maximum of {config.max_length}, "
+                f"got {self.max_length}.")
+        if compaction not in ("auto", "host", "graph"):
+            raise StreamspecError(f"compaction must be auto, host or graph, got {compaction!r}.")
+        if compaction == "host" and self.device != "cpu":
+            raise StreamspecError("Host compaction needs the cache in host memory (provider cpu).")
+        self.compaction = compaction if compaction != "auto" else ("host" if self.device == "cpu" else "graph")
+        self.session = self._create_session(threads)
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        graph = config.graph
+        self.output_names = [name for name in graph["outputs"] if name not in graph["cache_outputs"]]
+        self._allocate_cache()
+        self.binding = self.session.io_binding()
+        for name in self.output_names:  # bound first: get_outputs() keeps this order
+            self.binding.bind_output(name, "cpu")
+        for value, name_in, name_out in zip(self.cache, graph["cache_inputs"], graph["cache_outputs"]):
+            self.binding.bind_ortvalue_input(name_in, value)
+            self.binding.bind_ortvalue_output(name_out, value)
+
+    def _create_session(self, threads: Optional[int]) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        providers = ["CPUExecutionProvider"]
+        if self.device == "cuda":
+            providers.insert(0, "CUDAExecutionProvider")
+        if self.config.backend == "custom":
+            from streamspec.custom_ops import CustomOpError, register
+
+            try:
+                register(options, self.device)
+            except CustomOpError as error:
+                raise StreamspecError(f"The custom attention op is unavailable: {error}.") from None
+        try:
+            return ort.InferenceSession(str(self.config.model_path), options, providers=providers)
+        except Exception as error:  # onnxruntime raises several unrelated types
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise StreamspecError(
+                f"onnxruntime could not load {self.config.model_path} ({first}); export the model again.") from None
+
+    def _allocate_cache(self) -> None:
+        cfg = self.config
+        dtype = _NUMPY_DTYPES[cfg.dtype]
+        shape = (1, cfg.num_kv_heads, self.max_length, cfg.head_dim)
+        count = 2 * cfg.num_layers
+        if self.device == "cpu":
+            # One array for all layers, so that compaction is one numpy operation.
+            self.host_cache: Optional[np.ndarray] = np.zeros((count, *shape), dtype=dtype)
+            self.cache = [ort.OrtValue.ortvalue_from_numpy(self.host_cache[i]) for i in range(count)]
+        else:
+            self.host_cache = None
+            self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", 0)
+                          for _ in range(count)]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Bind the step's inputs (those the graph has), run, return the small outputs."""
+        for name, array in feeds.items():
+            if name in self.input_names:
+                self.binding.bind_cpu_input(name, array)
+        for name in self.output_names:  # their shapes change per step: let ORT allocate anew
+            self.binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(self.binding)
+        values = self.binding.get_outputs()
+        return {name: values[i].numpy() for i, name in enumerate(self.output_names)}
+
+    def compact_on_host(self, past_length: int, path: list[int]) -> None:
+        """Move cache rows past + path[i] to past + i for every layer (path ascending)."""
+        src = past_length + np.asarray(path, dtype=np.int64)
+        dst = past_length + np.arange(len(path))
+        self.host_cache[:, :, :, dst] = self.host_cache[:, :, :, src]

@@ -1,0 +1,148 @@
+"""Self-distillation on tiny models, and prompt harvesting from the standard library."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamspec.models.distill import distill, read_prompts
+from streamspec.models.errors import StreamspecError
+from streamspec.models.loading import load_base_model, load_tokenizer
+from streamspec.models.prompts import KINDS, MAX_CHARS, harvest
+
+MAX_NEW = 8
+PROMPTS = [  # different lengths, so the batch really is left padded
+    {"id": "a", "split": "train", "messages": [{"role": "user", "content": "Say hi."}]},
+    {"id": "b", "split": "heldout", "messages": [{"role": "user", "content": "Explain def f(x): return x + 1"}]},
+    {"id": "c", "split": "train", "messages": [{"role": "user", "content": "Summarise: a module for tiny tests."}]},
+]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def unbatched_greedy(folder: Path, messages: list[dict], eos_ids: set[int]) -> tuple[list[int], list[int]]:
+    """Prompt ids and the greedy answer of one prompt on its own (no padding)."""
+    tokenizer, model = load_tokenizer(folder), load_base_model(folder)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=2)
+    answer = out[0, len(prompt):].tolist()
+    cut = next((i + 1 for i, t in enumerate(answer) if t in eos_ids), len(answer))
+    return prompt, answer[:cut]
+
+
+@pytest.fixture()
+def prompts_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_batched_answers_equal_unbatched_greedy(tiny_model_dir, prompts_file, tmp_path, family):
+    folder = tiny_model_dir(family)
+    out = tmp_path / "out.jsonl"
+    stats = distill(str(folder), prompts_file, out, max_new_tokens=MAX_NEW, batch_size=3, progress=False)
+    assert stats == {"total": 3, "skipped": 0, "written": 3}
+    records = {r["id"]: r for r in read_jsonl(out)}
+    assert set(records) == {"a", "b", "c"}
+    tokenizer = load_tokenizer(folder)
+    for prompt in PROMPTS:
+        record = records[prompt["id"]]
+        expected_prompt, expected_answer = unbatched_greedy(folder, prompt["messages"], {2})
+        assert record["prompt_ids"] == expected_prompt
+        assert record["answer_ids"] == expected_answer
+        assert record["split"] == prompt["split"]
+        assert record["text"] == tokenizer.decode(expected_answer, skip_special_tokens=True)
+
+
+def test_answer_ends_with_eos(tiny_llama_dir, prompts_file, tmp_path):
+    """When EOS comes within the budget, the answer stops there and keeps the EOS id."""
+    folder = Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
+    _, free_answer = unbatched_greedy(folder, PROMPTS[0]["messages"], {2})
+    eos = free_answer[2]  # make the model's third greedy token its EOS
+    generation = json.loads((folder / "generation_config.json").read_text())
+    generation["eos_token_id"] = eos
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+
+    out = tmp_path / "out.jsonl"
+    distill(str(folder), prompts_file, out, max_new_tokens=MAX_NEW, batch_size=2, progress=False)
+    answer = {r["id"]: r for r in read_jsonl(out)}["a"]["answer_ids"]
+    assert answer == free_answer[: free_answer.index(eos) + 1] and answer[-1] == eos
+    assert len(answer) < MAX_NEW
+
+
+def test_resume_after_kill(tiny_llama_dir, prompts_file, tmp_path):
+    out = tmp_path / "out.jsonl"
+    first = distill(str(tiny_llama_dir), prompts_file, out, max_new_tokens=MAX_NEW, limit=2, progress=False)
+    assert first["written"] == 2
+    with open(out, "a") as handle:  # a run killed halfway through writing a line
+        handle.write('{"id": "c", "split": "tra')
+    second = distill(str(tiny_llama_dir), prompts_file, out, max_new_tokens=MAX_NEW, batch_size=1, progress=False)
+    assert second == {"total": 3, "skipped": 2, "written": 1}
+    ids = [r["id"] for r in read_jsonl(out)]
+    assert sorted(ids) == ["a", "b", "c"]  # no duplicates, no partial line
+    third = distill(str(tiny_llama_dir), prompts_file, out, max_new_tokens=MAX_NEW, progress=False)
+    assert third["written"] == 0 and len(read_jsonl(out)) == 3
+
+
+def test_resume_refuses_another_base(tiny_model_dir, prompts_file, tmp_path):
+    out = tmp_path / "out.jsonl"
+    distill(str(tiny_model_dir("llama")), prompts_file, out, max_new_tokens=2, limit=1, progress=False)
+    with pytest.raises(StreamspecError, match="another base model"):
+        distill(str(tiny_model_dir("llama", seed=1)), prompts_file, out, max_new_tokens=2, progress=False)
+
+
+def test_bad_prompt_files(tmp_path):
+    with pytest.raises(StreamspecError, match="does not exist"):
+        read_prompts(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(PROMPTS[0]) + "\n{oops\n")
+    with pytest.raises(StreamspecError, match=r"^Line 2 of .* is not valid JSON\.$"):
+        read_prompts(bad)
+    bad.write_bytes(json.dumps(PROMPTS[0]).encode() + b"\n\xff\xfe\x00\n")
+    with pytest.raises(StreamspecError, match=r"^Line 2 of .* is not UTF-8 text\.$"):
+        read_prompts(bad)
+    write_jsonl(bad, [PROMPTS[0], {"id": "x", "messages": "hi"}])
+    with pytest.raises(StreamspecError, match="^Line 2 of .*'messages'"):
+        read_prompts(bad)
+    write_jsonl(bad, [PROMPTS[0], {**PROMPTS[1], "split": "dev"}])
+    with pytest.raises(StreamspecError, match="^Line 2 of .*split other than"):
+        read_prompts(bad)
+    write_jsonl(bad, [PROMPTS[0], PROMPTS[0]])
+    with pytest.raises(StreamspecError, match="^Line 2 of .*repeats the id 'a'"):
+        read_prompts(bad)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def test_harvest_is_deterministic_and_split_by_file(tmp_path):
+    counts = harvest(tmp_path / "one", limit=300)
+    assert harvest(tmp_path / "two", limit=300) == counts
+    for name in ("train.jsonl", "heldout.jsonl"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+    assert counts["train"] + counts["heldout"] == 300 and counts["heldout"] > 0
+    records = read_jsonl(tmp_path / "one" / "train.jsonl") + read_jsonl(tmp_path / "one" / "heldout.jsonl")
+    assert len({r["id"] for r in records}) == 300
+    assert {r["kind"] for r in records} == set(KINDS)
+    splits_of_file = collections.defaultdict(set)
+    for record in records:
+        splits_of_file[record["source"]].add(record["split"])
+        (message,) = record["messages"]
+        assert message["role"] == "user" and 0 < len(message["content"]) <= MAX_CHARS
+        assert counts[f"{record['split']}/{record['kind']}"] > 0
+    assert all(len(splits) == 1 for splits in splits_of_file.values())
+    # The harvest's records are what distillation reads.
+    assert len(read_prompts(tmp_path / "one" / "train.jsonl")) == counts["train"]

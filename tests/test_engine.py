@@ -1,0 +1,391 @@
+"""The ONNX Runtime engine: exactness against transformers, exact sampling, the KV
+cache, text streaming, bad input, the light import, the `generate` command.
+
+Greedy output must equal transformers' greedy `generate` token for token; where it
+diverges the divergence must be a near-tie of the reference (tests/helpers.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_tokens_match
+from streamspec.errors import StreamspecError
+from streamspec.models.config import ModelConfig, StreamConfig
+from streamspec.models.model import Transformer, build_model
+from streamspec.runtime import Engine
+from test_export import export_tiny, msa_model
+
+PROMPTS = ([5, 40, 41, 42, 9, 77], [10, 11], [100, 3, 66, 67, 68, 69, 70, 71, 33])
+
+
+def hf_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> tuple[list[int], callable]:
+    """transformers' greedy tokens (EOS ignored), and its next-token logits function."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0)
+
+    @torch.no_grad()
+    def logits(prefix: list[int]) -> np.ndarray:
+        return model(torch.tensor([prompt + prefix])).logits[0, -1].double().numpy()
+
+    return out[0, len(prompt):].tolist(), logits
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir, tmp_path_factory):
+    """family -> (HF folder, exported MSA folder) for the tiny families."""
+    root = tmp_path_factory.mktemp("engines")
+    return {family: (tiny_model_dir(family),
+                     export_tiny(msa_model(tiny_model_dir(family), num_streams=3), tiny_model_dir(family),
+                                 root / family))
+            for family in ("llama", "opt")}
+
+
+# ------------------------------------------------------------------------------ greedy exactness
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_greedy_equals_transformers(engines, family):
+    """Random streams: drafts are rarely right, so this checks verification and the
+    AR path; the oracle test below makes long accepted paths."""
+    hf_folder, folder = engines[family]
+    for compaction in ("host", "graph"):
+        engine = Engine(folder, provider="cpu", compaction=compaction, budget=6)
+        for prompt in PROMPTS:
+            reference, logits = hf_greedy(hf_folder, prompt, 40)
+            for speculative in (False, True):
+                result = engine.generate(prompt, max_new_tokens=40, speculative=speculative, ignore_eos=True)
+                assert_tokens_match(result.token_ids, reference, logits)
+                assert result.stats.speculative == speculative
+
+
+def test_plain_base_model_generates_like_transformers(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("qwen2")
+    exported = export_tiny(build_model(folder), folder, tmp_path / "qwen2")
+    engine = Engine(exported, provider="cpu")
+    assert not engine.can_speculate
+    reference, logits = hf_greedy(folder, PROMPTS[0], 30)
+    result = engine.generate(PROMPTS[0], max_new_tokens=30, ignore_eos=True)  # speculative falls back to AR
+    assert_tokens_match(result.token_ids, reference, logits)
+    assert result.stats.steps == 29 and not result.stats.speculative
+
+
+def test_oracle_drafts_are_accepted_and_compacted(engines, monkeypatch):
+    """Trees that hold the true continuation off the first branch: long accepted paths
+    with path[i] != i, so compaction moves rows every step; the output must not change."""
+    from streamspec.runtime import engine as engine_module
+    from streamspec.runtime.tree import Tree
+
+    hf_folder, folder = engines["llama"]
+    prompt = PROMPTS[0]
+    reference, logits = hf_greedy(hf_folder, prompt, 30)
+    produced = {"n": 0}
+
+    def oracle_tree(root, stream_ids, stream_probs, budget):
+        # root -> wrong child (node 1), and the right chain of 3 under the root at nodes 2..4.
+        start = produced["n"]
+        right = reference[start + 1:start + 4] or [0]
+        tokens = [root, (right[0] + 1) % 128] + right
+        parents = [-1, 0, 0] + list(range(2, 2 + len(right) - 1))
+        depths = [0, 1] + list(range(1, len(right) + 1))
+        return Tree(np.array(tokens, np.int64), np.array(parents, np.int32), np.array(depths, np.int32),
+                    np.ones(len(tokens), np.float32))
+
+    monkeypatch.setattr(engine_module, "build_tree", oracle_tree)
+    for compaction in ("host", "graph"):
+        engine = Engine(folder, provider="cpu", compaction=compaction)
+        produced["n"] = 0
+        pieces = []
+        for ids in engine._tokens(engine.prompt_ids(prompt), 30,
+                                  engine_module.SamplingParams(), True, True, engine_module.GenerationStats()):
+            pieces += ids
+            produced["n"] = len(pieces)
+        assert_tokens_match(pieces, reference, logits)
+        assert len(pieces) == 30
+
+
+# ------------------------------------------------------------------------------ sampling exactness
+def small_vocab_folder(tokenizer_dir: Path, out: Path) -> tuple[Transformer, Path]:
+    """A tiny MSA model over 6 tokens with peaked distributions (drafts often right)."""
+    config = ModelConfig(family="llama", model_type="llama", vocab_size=6, hidden_size=32, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                         max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(7)
+    model = Transformer(config, StreamConfig(num_streams=2, num_msa_layers=1, lora_rank=2)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1 and "lora_B" not in name and "exit_B" not in name:
+                param.normal_(0, 0.4)
+        model.stream_embed.zero_()  # stream j repeats the main prediction: often right here
+    return model, export_tiny(model, tokenizer_dir, out, max_length=32)
+
+
+def exact_joint(model: Transformer, prompt: list[int], length: int, temperature: float) -> dict[tuple, float]:
+    """Probability of every sequence of `length` new tokens under temperature sampling."""
+    probs = {(): 1.0}
+    with torch.no_grad():
+        for _ in range(length):
+            nxt = {}
+            for seq, p in probs.items():
+                tokens = torch.tensor([prompt + list(seq)])
+                from streamspec.models.attention import EagerAttention, causal_tree_mask
+
+                logits = model(tokens, torch.arange(tokens.shape[1])[None],
+                               EagerAttention(causal_tree_mask(tokens.shape[1]), 0), with_streams=False).main_logits
+                q = torch.softmax(logits[0, -1].double() / temperature, -1).numpy()
+                for t, qt in enumerate(q):
+                    nxt[seq + (t,)] = p * qt
+            probs = nxt
+    return probs
+
+
+def chi_square_rejects(counts: dict[tuple, int], probs: dict[tuple, float], runs: int) -> tuple[bool, float]:
+    """Pearson chi-square at the 0.1% level (cells of expectation < 5 pooled)."""
+    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0, 0.0
+    for key, p in probs.items():
+        expected, observed = p * runs, counts.get(key, 0)
+        if expected < 5:
+            pooled_obs, pooled_exp = pooled_obs + observed, pooled_exp + expected
+            continue
+        stat += (observed - expected) ** 2 / expected
+        df += 1
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        df += 1
+    # Wilson-Hilferty: the chi-square quantile from the normal one (z = 3.09 for 0.1%).
+    critical = df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3
+    return stat > critical, stat / critical
+
+
+def sample_counts(engine: Engine, prompt: list[int], runs: int, length: int, speculative: bool,
+                  temperature: float) -> tuple[dict[tuple, int], float]:
+    counts: dict[tuple, int] = {}
+    accepted = 0
+    for seed in range(runs):
+        result = engine.generate(prompt, max_new_tokens=length, temperature=temperature, seed=seed,
+                                 speculative=speculative, ignore_eos=True)
+        key = tuple(result.token_ids)
+        counts[key] = counts.get(key, 0) + 1
+        accepted += sum(result.stats.accepted)
+    return counts, accepted / runs
+
+
+def test_sampling_is_exact_in_both_modes(tiny_model_dir, tmp_path, monkeypatch):
+    """The first three sampled tokens follow the model's exact joint distribution, with
+    and without speculation; an approximate acceptance rule fails the same test."""
+    from streamspec.runtime import engine as engine_module
+
+    model, folder = small_vocab_folder(tiny_model_dir("llama"), tmp_path / "v6")
+    prompt, length, runs, temperature = [1, 4, 2], 3, 1200, 0.9
+    probs = exact_joint(model, prompt, length, temperature)
+    engine = Engine(folder, provider="cpu", budget=4)
+    for speculative in (False, True):
+        counts, accepted = sample_counts(engine, prompt, runs, length, speculative, temperature)
+        rejected, ratio = chi_square_rejects(counts, probs, runs)
+        assert not rejected, f"speculative={speculative}: chi-square {ratio:.2f} x the 0.1% critical value"
+        if speculative:
+            assert accepted > 0.5, "drafts were rarely accepted: the test would not see approximate acceptance"
+
+    def accept_first_child(tree, choose):  # a biased rule: trust the draft's first branch
+        path = [0]
+        while True:
+            children = [i for i in range(1, tree.size) if tree.parents[i] == path[-1]]
+            if not children:
+                return path, choose(path[-1])
+            path.append(children[0])
+
+    monkeypatch.setattr(engine_module, "accept", accept_first_child)
+    counts, _ = sample_counts(engine, prompt, runs, length, True, temperature)
+    assert chi_square_rejects(counts, probs, runs)[0], "the test cannot tell approximate acceptance apart"
+
+
+def test_sampling_parameters_and_seed(engines):
+    _, folder = engines["llama"]
+    engine = Engine(folder, provider="cpu")
+    a = engine.generate(PROMPTS[0], max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=20, seed=3, ignore_eos=True)
+    b = engine.generate(PROMPTS[0], max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=20, seed=3, ignore_eos=True)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 12
+    top1 = engine.generate(PROMPTS[0], max_new_tokens=12, temperature=1.5, top_k=1, seed=1, ignore_eos=True)
+    greedy = engine.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True)
+    assert top1.token_ids == greedy.token_ids  # top-k 1 leaves only the argmax
+
+
+# ------------------------------------------------------------------------------ cache, text, stats
+def test_kv_cache_is_allocated_once_and_written_in_place(engines):
+    _, folder = engines["llama"]
+    for compaction in ("host", "graph"):
+        engine = Engine(folder, provider="cpu", compaction=compaction)
+        buffers = [value.data_ptr() for value in engine.session.cache]
+        cache_ids = [id(value) for value in engine.session.cache]
+        for _ in range(2):
+            engine.generate(PROMPTS[2], max_new_tokens=15, ignore_eos=True)
+            bound = engine.session.binding.get_outputs()[len(engine.session.output_names):]
+            assert [value.data_ptr() for value in bound] == buffers
+        assert [value.data_ptr() for value in engine.session.cache] == buffers
+        assert [id(value) for value in engine.session.cache] == cache_ids
+        if compaction == "host":  # the bound buffers are the numpy cache itself
+            assert engine.session.host_cache[0].__array_interface__["data"][0] == buffers[0]
+            assert np.abs(engine.session.host_cache[:, :, :, :len(PROMPTS[2])]).sum() > 0
+
+
+def test_stream_yields_the_generated_text(engines):
+    _, folder = engines["llama"]
+    engine = Engine(folder, provider="cpu")
+    pieces = list(engine.stream("Hello there", max_new_tokens=20, ignore_eos=True))
+    result = engine.last_result
+    assert "".join(pieces) == result.text == engine.tokenizer.decode(result.token_ids)
+    stats = result.stats
+    assert stats.new_tokens == len(result.token_ids) == 20
+    assert stats.forward_passes == stats.steps + 1 and len(stats.accepted) == stats.steps
+    assert stats.mean_accepted_length == pytest.approx(1 + sum(stats.accepted) / stats.steps)
+    assert 0 < stats.model_seconds <= stats.total_seconds and stats.tokens_per_second > 0
+
+
+def test_stop_strings_and_eos(engines):
+    _, folder = engines["llama"]
+    engine = Engine(folder, provider="cpu")
+    full = engine.generate("abc", max_new_tokens=30, ignore_eos=True)
+    stop = full.text[5:7]
+    cut = engine.generate("abc", max_new_tokens=30, stop=[stop], ignore_eos=True)
+    assert cut.text == full.text[:full.text.index(stop)] and cut.stats.stop_reason == "stop"
+    eos_at = next((i for i, t in enumerate(full.token_ids) if t == 2), None)
+    normal = engine.generate("abc", max_new_tokens=30)
+    if eos_at is None:
+        assert normal.token_ids == full.token_ids
+    else:
+        assert normal.token_ids == full.token_ids[:eos_at + 1] and normal.stats.stop_reason == "eos"
+
+
+def test_chat_template_matches_transformers(engines):
+    from transformers import AutoTokenizer
+
+    hf_folder, folder = engines["llama"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    expected = AutoTokenizer.from_pretrained(str(hf_folder)).apply_chat_template(messages, add_generation_prompt=True)
+    assert Engine(folder, provider="cpu").prompt_ids(messages) == list(expected)
+
+
+def test_text_stream_is_correct_across_utf8_boundaries():
+    """A byte-level tokenizer (one token per byte): characters span several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from streamspec.runtime.tokenizer import TextStream
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    text = "naïve café — 東京 🦉 ok"
+    ids = tokenizer.encode(text).ids
+    assert len(ids) == len(text.encode("utf-8"))
+    stream = TextStream(types.SimpleNamespace(decode=lambda i: tokenizer.decode(i)))
+    pieces = [stream.push([token]) for token in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_input_is_one_clear_error(engines, tmp_path):
+    _, folder = engines["llama"]
+    with pytest.raises(StreamspecError, match="is not a folder"):
+        Engine(tmp_path / "missing")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "streamspec.json").write_text("{not json")
+    with pytest.raises(StreamspecError, match="not valid JSON"):
+        Engine(broken)
+    config = json.loads((folder / "streamspec.json").read_text())
+    (broken / "streamspec.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(StreamspecError, match="format version 99"):
+        Engine(broken)
+    (broken / "streamspec.json").write_text(json.dumps(config))
+    (broken / "model.onnx").write_bytes(b"garbage")
+    with pytest.raises(StreamspecError, match="could not load"):
+        Engine(broken)
+    (broken / "model.onnx").unlink()
+    with pytest.raises(StreamspecError, match="lacks model.onnx"):
+        Engine(broken)
+
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(StreamspecError, match="CUDA"):
+            Engine(folder, provider="cuda")
+    engine = Engine(folder, provider="cpu", max_length=32)
+    with pytest.raises(StreamspecError, match="maximum length of 32"):
+        engine.stream(PROMPTS[0], max_new_tokens=30)  # checked before any generation
+    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2), dict(max_new_tokens=0)):
+        with pytest.raises(StreamspecError):
+            engine.generate(PROMPTS[0], **{"max_new_tokens": 4, **bad})
+    with pytest.raises(StreamspecError, match="Token ids"):
+        engine.generate([10 ** 6])
+    with pytest.raises(StreamspecError, match="empty"):
+        engine.generate("")
+
+
+def test_runtime_imports_neither_torch_nor_transformers(engines):
+    _, folder = engines["llama"]
+    code = ("import sys; import streamspec.runtime; from streamspec.runtime import Engine; "
+            f"Engine({str(folder)!r}, provider='cpu').generate('ab', max_new_tokens=3); "
+            "heavy = [m for m in ('torch', 'transformers', 'streamspec.models') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_generate_command(engines, capsys, monkeypatch):
+    from streamspec.tools import cli
+
+    # Only this command: the others are other people's and may be mid-change.
+    monkeypatch.setattr(cli, "COMMANDS", {"generate": "generate"})
+    main = cli.main
+
+    _, folder = engines["llama"]
+    assert main(["generate", str(folder), "--prompt", "Hello", "--max-new-tokens", "8", "--ar"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "tokens/s" in captured.err
+    assert main(["generate", str(folder), "--prompt", "Hello", "--temperature", "-1"]) == 1
+    assert "temperature" in capsys.readouterr().err
+    assert main(["generate", str(folder), "--prompt", "x" * 200, "--max-new-tokens", "10",
+                 "--max-length", "64"]) == 1
+    assert "maximum length" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ SmolLM2
+@pytest.fixture(scope="session")
+def smollm2_onnx(smollm2_dir, tmp_path_factory):
+    """SmolLM2-135M-Instruct with untrained streams, exported once per session."""
+    model = build_model(smollm2_dir, StreamConfig(num_streams=3, num_msa_layers=10))
+    return smollm2_dir, export_tiny(model, smollm2_dir, tmp_path_factory.mktemp("smol") / "onnx", max_length=256)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers(smollm2_onnx):
+    from transformers import AutoTokenizer
+
+    hf_folder, folder = smollm2_onnx
+    engine = Engine(folder, provider="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder))
+    prompts = ["The capital of France is", "def fibonacci(n):",
+               [{"role": "user", "content": "Name three colours."}]]
+    for prompt in prompts:
+        ids = engine.prompt_ids(prompt)
+        expected_ids = (tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+                        if isinstance(prompt, list) else tokenizer(prompt)["input_ids"])
+        assert ids == list(expected_ids)
+        reference, logits = hf_greedy(hf_folder, ids, 24)
+        for speculative in (False, True):
+            result = engine.generate(prompt, max_new_tokens=24, speculative=speculative, ignore_eos=True)
+            assert_tokens_match(result.token_ids, reference, logits)

@@ -1,0 +1,48 @@
+"""`streamspec export`: a checkpoint or base model -> a deployable ONNX folder."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+HELP = ("Export a streamspec checkpoint (or a plain base model, for autoregressive use) to a folder "
+        "that `streamspec generate` and streamspec.runtime.Engine run on ONNX Runtime.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="CKPT",
+                        help="a checkpoint folder written by `streamspec train`, or a base model: 'default' "
+                             "(the embedded SmolLM2-135M-Instruct), a Hugging Face folder or a .gguf file")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="the folder to write; it appears only once the export is complete")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                        help="weights, activations and KV cache; fp16 is meant for GPUs")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="the longest prompt + answer the runtime may hold in its KV cache "
+                             "(default: the model's positions, at most 2048)")
+    parser.add_argument("--candidates", type=int, default=8,
+                        help="K: top-K ids and probabilities per node that leave the graph")
+    parser.add_argument("--budget", type=int, default=8,
+                        help="default number of draft nodes per tree for the runtime")
+    parser.add_argument("--backend", choices=("portable", "custom"), default="portable",
+                        help="attention: portable (ONNX Runtime's GroupQueryAttention, runs anywhere) or "
+                             "custom (streamspec.TreeAttention, needs `streamspec build-ops`)")
+    parser.add_argument("--full-logits", action="store_true",
+                        help="also output the main stream's full logits (debugging; slower)")
+    parser.add_argument("--no-slim", action="store_true", help="skip onnxslim on the traced graph")
+    parser.add_argument("--force", action="store_true", help="replace --out if it is an exported folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from streamspec.exporter import export
+
+    start = time.perf_counter()
+    out = export(args.source, args.out, dtype=args.dtype, max_length=args.max_length, candidates=args.candidates,
+                 budget=args.budget, backend=args.backend, full_logits=args.full_logits, slim=not args.no_slim,
+                 force=args.force)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 2 ** 20
+    Console(stderr=True).print(f"Exported {args.source} to {out} ({size:.0f} MiB) in "
+                               f"{time.perf_counter() - start:.0f} s.")
+    return 0

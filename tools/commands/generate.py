@@ -1,0 +1,60 @@
+"""`streamspec generate`: run an exported folder on ONNX Runtime and stream the text."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "Generate text with an exported folder on ONNX Runtime, streaming it as it is committed."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", metavar="DIR", help="a folder written by `streamspec export`")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--chat", action="store_true",
+                        help="send the prompt as a user message through the model's chat template")
+    parser.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples exactly")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 keeps all)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the K most probable (0 keeps all)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
+    parser.add_argument("--ar", action="store_true",
+                        help="autoregressive: one token per forward pass, no draft tree (for comparison)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="draft nodes per tree (default: the folder's streamspec.json)")
+    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="ONNX Runtime execution provider; auto picks CUDA when available")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="KV cache rows to allocate (default: the exported maximum)")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from streamspec.runtime import Engine
+
+    engine = Engine(args.folder, provider=args.provider, max_length=args.max_length, budget=args.budget,
+                    threads=args.threads)
+    prompt = args.prompt
+    if args.chat:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                 [{"role": "user", "content": args.prompt}]
+    pieces = engine.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, top_k=args.top_k, stop=args.stop, seed=args.seed,
+                           speculative=not args.ar)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    stats = engine.last_result.stats
+    mode = "speculative" if stats.speculative else "autoregressive"
+    Console(stderr=True).print(
+        f"[dim]{stats.new_tokens} tokens, {mode}, {stats.forward_passes} forward passes, "
+        f"{stats.mean_accepted_length:.2f} tokens/step | {stats.tokens_per_second:.1f} tokens/s "
+        f"(decode {stats.decode_tokens_per_second:.1f}) | prefill {stats.prefill_seconds * 1000:.0f} ms, "
+        f"decode {stats.decode_seconds:.2f} s, in onnxruntime {stats.model_seconds:.2f} s, "
+        f"host {stats.host_seconds:.2f} s | stop: {stats.stop_reason}[/dim]")
+    return 0
