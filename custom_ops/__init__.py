@@ -18,6 +18,7 @@ Cache layout (root: ``$STREAMSPEC_CACHE`` or ``~/.cache/streamspec``)::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as _dt
 import hashlib
@@ -154,6 +155,23 @@ def _sources_digest() -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _locked(lock_file: Path):
+    """Exclusive lock between processes (builds and header fetches into one cache)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as fh:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            yield
+            return
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 # --------------------------------------------------------------------------------------
 # ORT headers
 
@@ -181,7 +199,8 @@ def _fetch_tarball(workdir: Path) -> Path:
         tgz = sorted(workdir.glob("*.tgz"))
         if proc.returncode == 0 and tgz:
             return tgz[0]
-        print(f"npm pack failed ({(proc.stderr or proc.stdout).strip().splitlines()[-1:]}), trying the registry directly")
+        last = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]
+        print(f"npm pack failed ({last}), trying the registry directly")
     url = f"https://registry.npmjs.org/{HEADERS_PACKAGE}/-/{HEADERS_PACKAGE}-{HEADERS_VERSION}.tgz"
     print(f"Fetching ONNX Runtime headers: {url} (about 150 MB, once)")
     target = workdir / f"{HEADERS_PACKAGE}-{HEADERS_VERSION}.tgz"
@@ -212,6 +231,13 @@ def ort_headers(ort_include_dir: str | os.PathLike | None = None) -> Path:
     folder = cache_dir() / f"ort-headers-{HEADERS_VERSION}"
     if _headers_ok(folder):
         return folder
+    with _locked(cache_dir() / ".headers.lock"):
+        if not _headers_ok(folder):  # another process may have fetched them meanwhile
+            _fetch_headers(folder)
+    return folder
+
+
+def _fetch_headers(folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".headers-") as tmp:
         tmpdir = Path(tmp)
@@ -236,7 +262,6 @@ def ort_headers(ort_include_dir: str | os.PathLike | None = None) -> Path:
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
-    return folder
 
 
 # --------------------------------------------------------------------------------------
@@ -296,9 +321,14 @@ def build(
     when a tool is missing or the build fails (the full log is kept next to the build).
     """
     ort_version = _ort_version()
-    ort_key = _ort_key(ort_version)
     archs = _normalise_archs(cuda_arch) if cuda else []
-    out_dir = cache_dir() / "ops" / _build_key(ort_key, cuda, archs)
+    out_dir = cache_dir() / "ops" / _build_key(_ort_key(ort_version), cuda, archs)
+    with _locked(out_dir.parent / f".{out_dir.name}.lock"):
+        return _build_locked(ort_version, cuda, archs, ort_include_dir, force, out_dir)
+
+
+def _build_locked(ort_version: str, cuda: bool, archs: list[str], ort_include_dir, force: bool, out_dir: Path) -> Path:
+    ort_key = _ort_key(ort_version)
     lib = out_dir / _library_name(cuda)
     info_path = out_dir / _INFO_FILE
     digest = _sources_digest()

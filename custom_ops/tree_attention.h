@@ -44,8 +44,10 @@ using ParallelForFn = void (*)(void* runner, void (*fn)(void*, size_t), size_t t
 
 // CPU kernel.  All pointers are host memory.  key_cache_out / value_cache_out may be
 // the same buffers as key_cache_in / value_cache_in (in-place update) or different
-// ones (then the inputs are copied first and left untouched).  Inputs must have been
-// validated with ValidateTreeValues.  Returns nullptr or a static error message.
+// ones (then the inputs are copied first and left untouched).  Shapes and values must
+// have been validated (CheckShapes / CheckValues in register_ops.cc): past_length in
+// [M, max_len - N], tree_parent[n] in [-1, n), compact_src in [0, max_len).  Returns
+// nullptr or a static error message.
 const char* TreeAttentionCpu(TreeAttentionDType dtype, const TreeAttentionShape& shape,
                              const void* query, const void* key, const void* value,
                              const void* key_cache_in, const void* value_cache_in,

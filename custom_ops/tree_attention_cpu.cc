@@ -161,10 +161,10 @@ STREAMSPEC_INLINE void StoreRow(uint16_t* __restrict dst, const float* __restric
 #if defined(__GNUC__) && !defined(STREAMSPEC_PORTABLE_VECTORS)
 typedef float V8 __attribute__((vector_size(32)));
 typedef int32_t V8i __attribute__((vector_size(32)));
-STREAMSPEC_INLINE V8 Max8(V8 a, V8 b) { return a > b ? a : b; }
-STREAMSPEC_INLINE V8 Exp8(V8 x) {  // vector ExpNonPositive
+STREAMSPEC_INLINE V8 Max8(const V8& a, const V8& b) { return a > b ? a : b; }
+STREAMSPEC_INLINE V8 Exp8(const V8& arg) {  // vector ExpNonPositive
   const V8 lo = V8{} + kExpMin;
-  x = x < lo ? lo : x;
+  const V8 x = arg < lo ? lo : arg;
   const V8 n = (x * kLog2e + kRound) - kRound;
   const V8 r = (x - n * kLn2Hi) - n * kLn2Lo;
   V8 p = V8{} + 1.984126984126984e-04f;
@@ -182,7 +182,7 @@ STREAMSPEC_INLINE V8 Exp8(V8 x) {  // vector ExpNonPositive
 }
 #else
 struct V8 {
-  float v[8] = {};
+  float v[8];
   float operator[](int i) const { return v[i]; }
   V8& operator+=(const V8& o) {
     for (int i = 0; i < 8; ++i) v[i] += o.v[i];
@@ -209,13 +209,15 @@ struct V8 {
     return r;
   }
 };
-STREAMSPEC_INLINE V8 Max8(V8 a, V8 b) {
-  for (int i = 0; i < 8; ++i) a.v[i] = std::max(a.v[i], b.v[i]);
-  return a;
+STREAMSPEC_INLINE V8 Max8(const V8& a, const V8& b) {
+  V8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = std::max(a.v[i], b.v[i]);
+  return r;
 }
-STREAMSPEC_INLINE V8 Exp8(V8 x) {
-  for (int i = 0; i < 8; ++i) x.v[i] = ExpNonPositive(x.v[i]);
-  return x;
+STREAMSPEC_INLINE V8 Exp8(const V8& x) {
+  V8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = ExpNonPositive(x.v[i]);
+  return r;
 }
 #endif
 

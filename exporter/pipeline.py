@@ -42,12 +42,13 @@ TRACE_CACHE_LENGTH = 64  # the cache length is a dynamic dimension; any value tr
 def export(spec: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], **options: Any) -> Path:
     """Export a streamspec checkpoint folder, or a base model ("default", a Hugging Face
     folder or a .gguf file) for autoregressive use. Options: see `export_model`."""
-    model, tokenizer_dir, source = load_source(spec)
-    return export_model(model, tokenizer_dir, out_dir, source=source, **options)
+    model, tokenizer_dir, base_dir, source = load_source(spec)
+    return export_model(model, tokenizer_dir, out_dir, source=source, base_dir=base_dir, **options)
 
 
-def load_source(spec: Union[str, os.PathLike]) -> tuple[Transformer, Path, dict[str, str]]:
-    """(model, folder with the tokenizer, source description) for an export spec."""
+def load_source(spec: Union[str, os.PathLike]) -> tuple[Transformer, Path, Path, dict[str, str]]:
+    """(model, folder with the tokenizer, base model folder, source description) for an
+    export spec."""
     from streamspec.models import errors as model_errors
 
     path = Path(spec).expanduser()
@@ -55,16 +56,15 @@ def load_source(spec: Union[str, os.PathLike]) -> tuple[Transformer, Path, dict[
         if path.is_dir() and (path / CONFIG_FILE).is_file():
             if (path / MODEL_FILE).is_file():
                 raise StreamspecError(f"{path} is already an exported folder; pass a checkpoint or a base model.")
-            try:
-                from streamspec.models.checkpoint import load_checkpoint
-            except ImportError:
-                raise StreamspecError("This streamspec cannot read checkpoints yet (models.checkpoint is missing).") from None
-            return load_checkpoint(path).eval(), path, {"kind": "checkpoint", "name": str(path)}
+            from streamspec.models.checkpoint import load_checkpoint
+
+            model, info = load_checkpoint(path)
+            return model.eval(), info.tokenizer_folder, info.base_folder, {"kind": "checkpoint", "name": str(path)}
         from streamspec.models.loading import resolve_base
         from streamspec.models.model import build_model
 
         base = resolve_base(spec)
-        return build_model(base), base, {"kind": "base", "name": str(spec)}
+        return build_model(base), base, base, {"kind": "base", "name": str(spec)}
     except model_errors.StreamspecError as error:  # the models package has its own class
         raise StreamspecError(str(error)) from None
 
@@ -72,7 +72,8 @@ def load_source(spec: Union[str, os.PathLike]) -> tuple[Transformer, Path, dict[
 def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], *,
                  dtype: str = "fp32", max_length: Optional[int] = None, candidates: int = 8,
                  full_logits: bool = False, backend: str = "portable", budget: int = 8, slim: bool = True,
-                 force: bool = False, source: Optional[dict[str, str]] = None, progress: bool = True) -> Path:
+                 force: bool = False, source: Optional[dict[str, str]] = None, base_dir: Optional[Path] = None,
+                 progress: bool = True) -> Path:
     """Trace `model` into a deployable folder at `out_dir` and return its path.
 
     dtype: "fp32" or "fp16" weights, activations and KV cache. max_length: the largest
@@ -80,6 +81,8 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
     top-K output. full_logits: also output the main stream's logits [O, V]. backend:
     "portable" (GroupQueryAttention) or "custom" (streamspec.TreeAttention). budget:
     the runtime's default number of draft nodes. slim: run onnxslim on the graph.
+    base_dir: the base model's folder, for its generation_config.json (end-of-sequence
+    ids), when the tokenizer folder lacks one.
     """
     out_dir = Path(out_dir).expanduser().resolve()
     tokenizer_dir = Path(tokenizer_dir)
@@ -101,7 +104,7 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
         config = deploy_config(model, dtype, max_length, candidates, full_logits, backend, budget, external, names,
                                source or {"kind": "model", "name": type(model).__name__})
         config["tokenizer"] = copy_tokenizer(tokenizer_dir, tmp)
-        config["tokens"] = token_ids(model, tokenizer_dir)
+        config["tokens"] = token_ids(model, [tokenizer_dir] + ([Path(base_dir)] if base_dir else []))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if backend == "portable":
             say("Checking the folder with a short generation")
@@ -233,11 +236,11 @@ def copy_tokenizer(tokenizer_dir: Path, folder: Path) -> dict[str, Any]:
             "bos_token": token("bos_token"), "eos_token": token("eos_token")}
 
 
-def token_ids(model: Transformer, tokenizer_dir: Path) -> dict[str, Any]:
+def token_ids(model: Transformer, folders: list[Path]) -> dict[str, Any]:
     """End-of-sequence ids: the model config's and the generation config's (what
-    transformers' generate stops at)."""
+    transformers' generate stops at), from the first folder that has one."""
     eos = [int(t) for t in model.config.eos_token_ids]
-    generation = _read_json(tokenizer_dir / "generation_config.json")
+    generation = next((g for g in (_read_json(f / "generation_config.json") for f in folders) if g), {})
     extra = generation.get("eos_token_id")
     for t in ([extra] if isinstance(extra, int) else extra or []):
         if int(t) not in eos:
@@ -247,11 +250,12 @@ def token_ids(model: Transformer, tokenizer_dir: Path) -> dict[str, Any]:
 
 
 def smoke_test(folder: Path) -> None:
-    """A two-token generation on the finished folder, speculative when it has streams."""
+    """A three-token generation on the finished folder, speculative when it has streams."""
     from streamspec.runtime import Engine
 
     try:
-        engine = Engine(folder, provider="cpu", max_length=min(64, _read_json(folder / CONFIG_FILE)["graph"]["max_length"]))
+        max_length = min(64, _read_json(folder / CONFIG_FILE)["graph"]["max_length"])
+        engine = Engine(folder, provider="cpu", max_length=max_length)
         engine.generate([0, 1, 2], max_new_tokens=3, ignore_eos=True)
     except Exception as error:
         raise StreamspecError(f"The exported graph does not run in onnxruntime ({error}).") from error

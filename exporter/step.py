@@ -6,25 +6,37 @@ whose outputs are wanted, C cache rows, γ streams, K candidates):
     input_ids    int64 [N]        tokens of the tree nodes (a prompt is a chain)
     positions    int64 [N]        past_length + depth
     tree_mask    bool  [N, N]     node j is node i or one of its ancestors
-    tree_parent  int32 [N]        parent node, -1 for the root (custom backend only)
+    tree_parent  int32 [N]        parent node, -1 for the root
     past_length  int64 [1]        committed cache rows, counting the M compacted ones
     compact_src  int64 [M]        cache rows that move to [past_length - M, past_length)
     stream_nodes int64 [L]        nodes that get stream rows (all for a tree, none for AR)
     output_nodes int64 [O]        nodes whose main-stream outputs come out
-    temperature  float32 [1], top_k int64 [1], top_p float32 [1], uniform float32 [O]
+    sample_rows  int64 [S]        rows of output_nodes to sample (none when greedy)
+    exit_nodes   int64 [E]        nodes whose early-exit outputs come out (tree pruning)
+    temperature  float32 [1], top_k int64 [1], top_p float32 [1], uniform float32 [S]
     key_cache.i, value_cache.i  [1, KV, C, D]  per layer, written in place
 
 Outputs:
 
     main_ids, main_probs      [O, K]      main stream top-K (probabilities at T = 1)
-    sampled_ids               [O]         exact draw under temperature / top-k / top-p
-    stream_ids, stream_probs  [L, γ, K]   stream j of node stream_nodes[l]: token l + 1 + j
-    exit_ids, exit_probs      [O, K]      early-exit top-K (for tree pruning)
+    sampled_ids               [S]         exact draw under temperature / top-k / top-p
+    draft_node                [1]         the node whose streams come out (-1: none)
+    stream_ids, stream_probs  [γ, K]      stream j of draft_node: the token j after its next
+    exit_ids, exit_probs      [E, K]      early-exit top-K (for tree pruning)
     logits                    [O, V]      only when exported with full logits
     key_cache_out.i, value_cache_out.i    the caches (same buffers as the inputs)
 
-Only the selected rows go through the LM head, so a prefill computes logits for its
-last token only and autoregressive steps of an MSA model run no stream rows at all.
+Only the selected rows go through the LM head (and the sampler), so a prefill computes
+logits for its last token only, greedy decoding samples nothing and autoregressive
+steps of an MSA model run no stream rows at all.
+
+The next draft comes from the streams of the last node the step accepts, so the graph
+runs the acceptance walk itself (the same rule as `runtime.tree.accept`, with the same
+choices: the argmax, or the sampled token where `sample_rows` asks for one) and puts
+only that node's γ stream rows through the LM head: the draft node is the deepest
+stream node whose ancestors' choices all equal their child's token on its path. Nodes
+whose parent has no output (a prompt's) count as accepted, so a prefill drafts from
+its last token. The engine checks that `draft_node` is the end of its own path.
 """
 
 from __future__ import annotations
@@ -39,7 +51,8 @@ from streamspec.models.model import Transformer
 from . import ops  # noqa: F401  (registers torch.ops.streamspec.*)
 
 STEP_INPUTS = ("input_ids", "positions", "tree_mask", "tree_parent", "past_length", "compact_src",
-               "stream_nodes", "output_nodes", "temperature", "top_k", "top_p", "uniform")
+               "stream_nodes", "output_nodes", "sample_rows", "exit_nodes", "temperature", "top_k", "top_p",
+               "uniform")
 
 
 def cache_names(num_layers: int, suffix: str = "") -> list[str]:
@@ -50,7 +63,7 @@ def cache_names(num_layers: int, suffix: str = "") -> list[str]:
 def output_names(model: Transformer, full_logits: bool) -> list[str]:
     names = ["main_ids", "main_probs", "sampled_ids"]
     if model.num_streams:
-        names += ["stream_ids", "stream_probs", "exit_ids", "exit_probs"]
+        names += ["draft_node", "stream_ids", "stream_probs", "exit_ids", "exit_probs"]
     if full_logits:
         names.append("logits")
     return names + cache_names(model.config.num_layers, "_out")
@@ -102,8 +115,8 @@ class StepGraph(nn.Module):
         TopK runs on the logits, not on probabilities, so the order (and greedy's
         argmax) is never changed by rounding in the softmax.
         """
-        values, ids = torch.topk(logits, self.candidates, dim=-1)
-        return ids, torch.exp(values - torch.logsumexp(logits, dim=-1, keepdim=True))
+        ids = torch.topk(logits, self.candidates, dim=-1).indices
+        return ids, torch.gather(torch.softmax(logits, dim=-1), -1, ids)
 
     def _upper(self, hidden: torch.Tensor, positions: torch.Tensor, attention: GraphAttention,
                stream_nodes: torch.Tensor, output_nodes: torch.Tensor):
@@ -126,8 +139,29 @@ class StepGraph(nn.Module):
             x = model.layers[i](x, rope, attention, i, adapted_from)
         return x
 
+    def _draft(self, stream_rows, input_ids, positions, tree_mask, tree_parent, stream_nodes, output_nodes,
+               choice):
+        """The draft node ([1], -1 when no stream node) and its γ final stream rows [γ, D].
+
+        stream_rows [L*γ, D]; choice [O]: the token the main stream picks at each output node.
+        """
+        n, g = input_ids.shape[0], self.model.num_streams
+        node_choice = torch.full_like(input_ids, -1).index_put((output_nodes,), choice)  # [N]
+        parent = tree_parent.long()
+        parent_choice = node_choice[parent.clamp(min=0)]
+        ok = (parent < 0) | (parent_choice < 0) | (input_ids == parent_choice)
+        accepted = ~(tree_mask & ~ok[None, :]).any(dim=-1)  # every ancestor-or-self is ok
+        depth = torch.where(accepted[stream_nodes], positions[stream_nodes], -1)
+        # A sentinel entry makes the choice total: index L (no stream node) picks zeros.
+        pick = torch.argmax(torch.cat([depth, depth.new_full((1,), -2)]))
+        rows = stream_rows.reshape(stream_nodes.shape[0], g, -1)
+        rows = torch.cat([rows, rows.new_zeros((1,) + rows.shape[1:])])
+        nodes = torch.cat([stream_nodes, stream_nodes.new_full((1,), -1)])
+        return nodes[pick].reshape(1), rows[pick]
+
     def forward(self, input_ids, positions, tree_mask, tree_parent, past_length, compact_src, stream_nodes,
-                output_nodes, temperature, top_k, top_p, uniform, caches: list[torch.Tensor]):
+                output_nodes, sample_rows, exit_nodes, temperature, top_k, top_p, uniform,
+                caches: list[torch.Tensor]):
         model = self.model
         step = dict(past_length=past_length, tree_mask=tree_mask, tree_parent=tree_parent,
                     stream_nodes=stream_nodes, compact_src=compact_src)
@@ -138,12 +172,15 @@ class StepGraph(nn.Module):
         n = hidden.shape[1]
         main_logits = model.head(x[:, output_nodes])[0].float()  # [O, V]
         main_ids, main_probs = self._top(main_logits)
-        sampled = torch.ops.streamspec.sample_tokens(main_logits, temperature, top_k, top_p, uniform)
+        sampled = torch.ops.streamspec.sample_tokens(main_logits[sample_rows], temperature, top_k, top_p, uniform)
         outputs = [main_ids, main_probs, sampled]
         if model.num_streams:
-            g, vocab = model.num_streams, model.config.vocab_size
-            stream_logits = model.head(x[:, n:])[0].float().reshape(stream_nodes.shape[0], g, vocab)
-            exit_logits = model.exit_head(hidden[:, output_nodes])[0].float()
+            choice = main_ids[:, 0].index_put((sample_rows,), sampled)  # [O]
+            draft_node, draft_rows = self._draft(x[0, n:], input_ids, positions, tree_mask, tree_parent,
+                                                 stream_nodes, output_nodes, choice)
+            stream_logits = model.head(draft_rows[None])[0].float()  # [γ, V]
+            outputs.append(draft_node)
+            exit_logits = model.exit_head(hidden[:, exit_nodes])[0].float()
             outputs += [*self._top(stream_logits), *self._top(exit_logits)]
         if self.full_logits:
             outputs.append(main_logits)
@@ -153,7 +190,7 @@ class StepGraph(nn.Module):
 def example_inputs(model: Transformer, cache_length: int) -> tuple:
     """Inputs for tracing. Every dynamic size is >= 2 and distinct, so that
     `torch.export` specialises none of them (it does so for sizes 0 and 1)."""
-    n, m, l, o = 5, 2, 3, 4
+    n, m, l, o, s, e = 5, 2, 3, 4, 6, 7
     cfg = model.config
     dtype = next(model.parameters()).dtype
     tree_mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
@@ -161,8 +198,9 @@ def example_inputs(model: Transformer, cache_length: int) -> tuple:
               for _ in range(2 * cfg.num_layers)]
     return (torch.arange(n, dtype=torch.int64) + 10, torch.arange(n, dtype=torch.int64) + 10, tree_mask,
             torch.arange(-1, n - 1, dtype=torch.int32), torch.tensor([10]), torch.tensor([11, 12]),
-            torch.arange(l, dtype=torch.int64), torch.arange(o, dtype=torch.int64),
-            torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]), torch.full((o,), 0.5), caches)
+            torch.arange(l, dtype=torch.int64), torch.arange(o, dtype=torch.int64), torch.arange(s) % o,
+            torch.arange(e) % n, torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]), torch.full((s,), 0.5),
+            caches)
 
 
 def dynamic_shapes(model: Transformer) -> tuple:
@@ -170,6 +208,8 @@ def dynamic_shapes(model: Transformer) -> tuple:
     dim = torch.export.Dim
     n, m = dim("nodes", min=1, max=1 << 16), dim("compacted", min=0, max=1 << 10)
     l, o = dim("stream_nodes", min=0, max=1 << 16), dim("output_nodes", min=1, max=1 << 16)
+    s, e = dim("sample_rows", min=0, max=1 << 16), dim("exit_nodes", min=0, max=1 << 16)
     c = dim("cache_length", min=16, max=1 << 20)
     cache = [{2: c} for _ in range(2 * model.config.num_layers)]
-    return ({0: n}, {0: n}, {0: n, 1: n}, {0: n}, None, {0: m}, {0: l}, {0: o}, None, None, None, {0: o}, cache)
+    return ({0: n}, {0: n}, {0: n, 1: n}, {0: n}, None, {0: m}, {0: l}, {0: o}, {0: s}, {0: e}, None, None, None,
+            {0: s}, cache)

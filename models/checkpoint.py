@@ -7,7 +7,9 @@ A checkpoint is a folder:
                              sha256 of the weights file
     streams.safetensors      the trained parameters only (stream embeddings, LoRA,
                              exit adapter), under `Transformer.named_parameters` names
-    tokenizer/               the base model's tokenizer files, copied as they are
+    tokenizer.json, tokenizer_config.json (chat template), ...
+                             the base model's tokenizer files, copied as they are, so
+                             the folder is also a tokenizer folder
 
 The base weights are not copied: the checkpoint names the base (its spec and folder)
 and its fingerprint (`loading.base_fingerprint`), and loading refuses a base whose
@@ -35,7 +37,6 @@ FORMAT = "streamspec-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "streamspec.json"
 WEIGHTS_FILE = "streams.safetensors"
-TOKENIZER_DIR = "tokenizer"
 # Files of a Hugging Face folder that make up its tokenizer and chat template.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -59,7 +60,7 @@ class CheckpointInfo:
     @property
     def tokenizer_folder(self) -> Path:
         """Folder with tokenizer.json and tokenizer_config.json (chat template) to ship."""
-        return self.folder / TOKENIZER_DIR
+        return self.folder
 
     @property
     def weights_path(self) -> Path:
@@ -98,8 +99,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optiona
 
 
 def copy_tokenizer(base_folder: Path, dest: Path) -> None:
-    """Copy the base's tokenizer files into dest (created; files replaced)."""
-    dest.mkdir(parents=True, exist_ok=True)
+    """Copy the base's tokenizer files into dest (files replaced)."""
     if not (base_folder / "tokenizer.json").is_file():
         raise StreamspecError(f"{base_folder} has no tokenizer.json, the fast-tokenizer file the runtime needs.")
     for name in TOKENIZER_FILES:
@@ -120,7 +120,7 @@ def save_checkpoint(folder: Union[str, Path], model: Transformer, base_folder: U
         raise StreamspecError("Only a model with speculative streams can be saved as a checkpoint.")
     folder, base_folder = Path(folder), Path(base_folder)
     folder.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer(base_folder, folder / TOKENIZER_DIR)
+    copy_tokenizer(base_folder, folder)
     save_tensors(folder / WEIGHTS_FILE, dict(model.trainable_parameters()), {"format": FORMAT})
     description = {
         "format": FORMAT,
@@ -225,7 +225,7 @@ def load_checkpoint(folder: Union[str, Path], base: Union[str, os.PathLike, None
     if not weights.is_file() or _sha256(weights) != info.weights_sha256:
         raise StreamspecError(f"{weights} is missing or corrupt (its sha256 differs from {CONFIG_FILE}).")
     if not (info.tokenizer_folder / "tokenizer.json").is_file():
-        raise StreamspecError(f"{info.folder} lacks its tokenizer ({TOKENIZER_DIR}/tokenizer.json).")
+        raise StreamspecError(f"{info.folder} lacks its tokenizer (tokenizer.json).")
     try:
         trained = load_file(str(weights))
     except Exception:

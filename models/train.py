@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from streamspec.runtime.tree import accept, build_tree
 
 from .attention import EagerAttention, MainKVAttention, causal_tree_mask
-from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, load_trained, save_checkpoint, save_tensors,
-                         write_json)
+from .checkpoint import (CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, load_trained, save_checkpoint,
+                         save_tensors, write_json)
 from .config import StreamConfig
 from .data import Record, Window, file_sha256, read_records, split_records, window_stream
 from .errors import StreamspecError
@@ -415,9 +415,9 @@ def _swap_in(tmp: Path, dest: Path) -> None:
 
 def _clear_run(out: Path) -> None:
     """--restart: remove what a run writes, and only that."""
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name in (CONFIG_FILE, WEIGHTS_FILE) + TOKENIZER_FILES:
         (out / name).unlink(missing_ok=True)
-    for name in ("tokenizer", LAST_DIR, f".{LAST_DIR}.old", f".{LAST_DIR}.tmp"):
+    for name in (LAST_DIR, f".{LAST_DIR}.old", f".{LAST_DIR}.tmp"):
         shutil.rmtree(out / name, ignore_errors=True)
 
 
@@ -432,8 +432,9 @@ def build_for_training(config: TrainConfig) -> tuple[Path, str, Transformer]:
 
     base_folder = resolve_base(config.base)
     base_sha = base_fingerprint(base_folder)
-    torch.manual_seed(config.seed)  # the initial stream parameters depend on the seed only
-    model = build_model(base_folder, config.stream_config())
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(config.seed)  # the initial stream parameters depend on the seed only
+        model = build_model(base_folder, config.stream_config())
     trained = model.trainable_parameters()
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in trained)
@@ -449,9 +450,11 @@ class _Distributed:
         if self.enabled:
             import torch.distributed as dist
 
+            self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            if torch.cuda.is_available():
+                torch.cuda.set_device(self.local_rank)  # one GPU per process, before NCCL starts
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
 
     @property
     def main(self) -> bool:
@@ -544,7 +547,9 @@ def _train(config: TrainConfig, dist: _Distributed, console, progress: bool) -> 
 
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
 
-    training_meta = {**asdict(config), "budgets": list(config.budgets), **identity,
+    run_switches = ("out", "restart", "stop_at", "threads", "device")  # not hyper-parameters
+    training_meta = {**{k: v for k, v in asdict(config).items() if k not in run_switches},
+                     "budgets": list(config.budgets), **identity,
                      "train_records": len(train_records), "heldout_records": len(heldout),
                      "skipped_records": skipped, "path": "cached" if cached else "plain"}
 

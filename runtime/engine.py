@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -31,6 +31,8 @@ from .tree import Tree, accept, build_tree, chain_tree, single_node_tree
 
 Prompt = Union[str, Sequence[int], list[dict[str, Any]]]
 _NO_ROWS = np.zeros(0, dtype=np.int64)
+_GREEDY = dict(temperature=np.ones(1, dtype=np.float32), top_k=np.zeros(1, dtype=np.int64),
+               top_p=np.ones(1, dtype=np.float32))
 
 
 @dataclass
@@ -83,6 +85,25 @@ class GenerationStats:
 
 
 @dataclass
+class StepRecord:
+    """One decode step as a profiler sees it (`Engine.on_step`).
+
+    seconds: tree (building the tree and its feeds), copy_in, run, copy_out (the
+    session's split, `RunTiming`), accept (the walk), compaction (host compaction;
+    graph compaction runs inside the next step's `run`).
+    """
+
+    step: int  # 1-based
+    started: float  # time.perf_counter() at the step's start
+    tree_nodes: int
+    tree_depth: int
+    accepted: int  # draft tokens accepted
+    committed: int  # tokens committed (accepted + correction, cut at EOS / max_new_tokens)
+    cache_rows: int  # committed rows in the KV cache after the step
+    seconds: dict[str, float]
+
+
+@dataclass
 class Generation:
     text: str
     token_ids: list[int]
@@ -95,18 +116,22 @@ class Engine:
     provider: "auto" (CUDA when available), "cpu" or "cuda". max_length: cache rows
     (default and maximum: the exported max length). budget: draft nodes per tree
     (default from streamspec.json). compaction: "auto", "host" or "graph" (see
-    session.py; auto = host on CPU, graph on CUDA).
+    session.py; auto = host on CPU, graph on CUDA). profile: a file prefix that turns on
+    ONNX Runtime's profiler (`engine.session.end_profiling()` returns the trace).
+    `on_step`, when set, is called with a `StepRecord` after every decode step.
     """
 
     def __init__(self, folder: Union[str, os.PathLike], provider: str = "auto", max_length: Optional[int] = None,
-                 budget: Optional[int] = None, threads: Optional[int] = None, compaction: str = "auto"):
+                 budget: Optional[int] = None, threads: Optional[int] = None, compaction: str = "auto",
+                 profile: Optional[str] = None):
         self.config = read_folder(folder)
         self.budget = self.config.default_budget if budget is None else int(budget)
         if self.budget < 0:
             raise StreamspecError(f"The tree budget must be >= 0, got {self.budget}.")
-        self.session = StepSession(self.config, provider, max_length, threads, compaction)
+        self.session = StepSession(self.config, provider, max_length, threads, compaction, profile)
         self.tokenizer = Tokenizer(self.config)
         self.last_result: Optional[Generation] = None
+        self.on_step: Optional[Callable[[StepRecord], None]] = None
 
     @property
     def max_length(self) -> int:
@@ -155,6 +180,16 @@ class Engine:
             raise StreamspecError("The prompt is empty.")
         return ids
 
+    def forward(self, tree: Tree, past: int, drafting: bool = True) -> dict[str, np.ndarray]:
+        """One greedy forward pass over `tree` on top of `past` cached rows, committing
+        nothing (the profiler times steps with it). It overwrites cache rows from `past`
+        on, which only matters to a generation in progress."""
+        if past < 0 or past + tree.size * (1 + self.config.num_streams) > self.max_length:
+            raise StreamspecError(f"A tree of {tree.size} nodes after {past} rows does not fit the cache.")
+        stream_nodes = self._stream_nodes(tree.size, drafting and self.can_speculate)
+        return self._run(tree, past, _NO_ROWS, stream_nodes, np.arange(tree.size, dtype=np.int64), None,
+                         np.random.default_rng(0), GenerationStats())
+
     # ---------------------------------------------------------------- internals
     def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -167,14 +202,17 @@ class Engine:
                 f"length of {self.max_length} tokens; shorten the prompt or lower max_new_tokens.")
 
     def _run(self, tree: Tree, past: int, compact_src: np.ndarray, stream_nodes: np.ndarray,
-             output_nodes: np.ndarray, sampling: dict[str, np.ndarray], rng: np.random.Generator,
-             stats: GenerationStats) -> dict[str, np.ndarray]:
-        feeds = dict(sampling)
+             output_nodes: np.ndarray, sampling: Optional[dict[str, np.ndarray]], rng: np.random.Generator,
+             stats: GenerationStats, tree_mask: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+        """One forward pass. `sampling` None: greedy, the graph samples nothing."""
+        sample_rows = np.arange(len(output_nodes), dtype=np.int64) if sampling else _NO_ROWS
+        feeds = dict(sampling or _GREEDY)
         feeds.update(
-            input_ids=tree.tokens, positions=tree.positions(past), tree_mask=tree.ancestor_mask(),
+            input_ids=tree.tokens, positions=tree.positions(past),
+            tree_mask=tree.ancestor_mask() if tree_mask is None else tree_mask,
             tree_parent=tree.parents.astype(np.int32), past_length=np.array([past], dtype=np.int64),
-            compact_src=compact_src, stream_nodes=stream_nodes, output_nodes=output_nodes,
-            uniform=rng.random(len(output_nodes), dtype=np.float32))
+            compact_src=compact_src, stream_nodes=stream_nodes, output_nodes=output_nodes, sample_rows=sample_rows,
+            exit_nodes=_NO_ROWS, uniform=rng.random(len(sample_rows), dtype=np.float32))
         start = time.perf_counter()
         out = self.session.run(feeds)
         stats.model_seconds += time.perf_counter() - start
@@ -191,9 +229,9 @@ class Engine:
                 ignore_eos: bool, stats: GenerationStats) -> Iterator[list[int]]:
         """Yield the tokens each forward pass commits (cut at EOS and max_new_tokens)."""
         rng = np.random.default_rng(params.seed)
-        sampling = dict(temperature=np.array([params.temperature or 1.0], dtype=np.float32),
-                        top_k=np.array([params.top_k], dtype=np.int64),
-                        top_p=np.array([params.top_p], dtype=np.float32))
+        sampling = None if params.greedy else dict(
+            temperature=np.array([params.temperature], dtype=np.float32),
+            top_k=np.array([params.top_k], dtype=np.int64), top_p=np.array([params.top_p], dtype=np.float32))
         if params.greedy:
             choose = lambda out, node: int(out["main_ids"][node, 0])  # noqa: E731
         else:
@@ -209,9 +247,9 @@ class Engine:
         if speculative and not len(stream_nodes) and n + g <= limit:
             stream_nodes = np.array([n - 1], dtype=np.int64)
         out = self._run(chain_tree(prompt), 0, _NO_ROWS, stream_nodes, np.array([n - 1], dtype=np.int64),
-                        sampling, rng, stats)
+                        sampling, rng, stats, tree_mask=np.tri(n, dtype=bool))
         correction = choose(out, 0)
-        draft = (out["stream_ids"][-1], out["stream_probs"][-1]) if speculative and len(stream_nodes) else None
+        draft = _draft(out, n - 1) if speculative and len(stream_nodes) else None
         past, pending, produced = n, _NO_ROWS, 1
         stats.prefill_seconds = time.perf_counter() - start
         stats.new_tokens = 1
@@ -219,6 +257,7 @@ class Engine:
         start = time.perf_counter()
         try:
             while produced < max_new_tokens and correction not in eos:
+                step_start = time.perf_counter()
                 room = limit - past  # cache rows this step may write beyond the committed ones
                 if draft is not None and room >= 2 * (1 + g):
                     tree = build_tree(correction, draft[0], draft[1], min(self.budget, room // (1 + g) - 1))
@@ -228,7 +267,9 @@ class Engine:
                 nodes = np.arange(tree.size, dtype=np.int64)
                 out = self._run(tree, past, pending, self._stream_nodes(tree.size, drafting), nodes, sampling,
                                 rng, stats)
+                ran = time.perf_counter()
                 path, correction = accept(tree, lambda node: choose(out, node))
+                accepted = time.perf_counter()
                 # Rows past + path[i] move to past + i; a leading run with path[i] == i stays.
                 moved = next((i for i, node in enumerate(path) if node != i), len(path))
                 if host_compaction:
@@ -236,8 +277,9 @@ class Engine:
                         self.session.compact_on_host(past + moved, [node - moved for node in path[moved:]])
                 else:
                     pending = past + np.asarray(path[moved:], dtype=np.int64)
+                compacted = time.perf_counter()
                 past += len(path)
-                draft = (out["stream_ids"][path[-1]], out["stream_probs"][path[-1]]) if drafting else None
+                draft = _draft(out, path[-1]) if drafting else None
                 stats.steps += 1
                 stats.accepted.append(len(path) - 1)
                 stats.tree_sizes.append(tree.size)
@@ -245,11 +287,25 @@ class Engine:
                                  max_new_tokens - produced, eos)
                 produced += len(committed)
                 stats.new_tokens = produced
+                if self.on_step is not None:
+                    self._report_step(stats.steps, tree, len(path) - 1, len(committed), past,
+                                      (step_start, ran, accepted, compacted))
                 yield committed
                 correction = committed[-1]
         finally:
             stats.decode_seconds = time.perf_counter() - start
         stats.stop_reason = "eos" if correction in eos else "length"
+
+    def _report_step(self, step: int, tree: Tree, accepted: int, committed: int, past: int,
+                     marks: tuple[float, float, float, float]) -> None:
+        """Hand `on_step` the step's record; the session's own split covers the run."""
+        step_start, ran, accepted_at, compacted = marks
+        timing = self.session.last_timing
+        run_total = timing.copy_in + timing.run + timing.copy_out
+        seconds = dict(tree=max(ran - step_start - run_total, 0.0), copy_in=timing.copy_in, run=timing.run,
+                       copy_out=timing.copy_out, accept=accepted_at - ran, compaction=compacted - accepted_at)
+        self.on_step(StepRecord(step, step_start, tree.size, int(tree.depths.max()), accepted, committed, past,
+                                seconds))
 
     def _text(self, tokens: Iterator[list[int]], stops: list[str], stats: GenerationStats) -> Iterator[str]:
         """Decode committed tokens into text pieces, cut before the first stop string."""
@@ -281,6 +337,16 @@ class Engine:
             text.append(held)
             yield held
         self.last_result = Generation("".join(text), ids, stats)
+
+
+def _draft(out: dict[str, np.ndarray], node: int) -> tuple[np.ndarray, np.ndarray]:
+    """The next draft: stream top-K ids and probabilities [γ, K] of the graph's draft node,
+    which must be the node the host's walk ended on (same rule, same choices)."""
+    if int(out["draft_node"][0]) != node:
+        raise StreamspecError(
+            f"The graph drafted from node {int(out['draft_node'][0])} but the accepted path ends at node {node}; "
+            "the exported folder and this runtime disagree, export the model again.")
+    return out["stream_ids"], out["stream_probs"]
 
 
 def _cut(tokens: list[int], room: int, eos: set) -> list[int]:

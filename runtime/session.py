@@ -17,7 +17,8 @@ Accepted-path compaction (rows past + path[i] -> past + i):
 
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import NamedTuple, Optional
 
 import numpy as np
 import onnxruntime as ort
@@ -44,12 +45,25 @@ def resolve_provider(provider: str) -> str:
     return provider
 
 
+class RunTiming(NamedTuple):
+    """Where the last `StepSession.run` spent its time (seconds), for profilers."""
+
+    copy_in: float  # binding the step's inputs
+    run: float  # run_with_iobinding: the graph (on CUDA with ORT's input/output device copies)
+    copy_out: float  # the small outputs to numpy
+
+
 class StepSession:
-    """The step graph of a deployable folder, ready to run steps against its own cache."""
+    """The step graph of a deployable folder, ready to run steps against its own cache.
+
+    profile: a file prefix that turns on ONNX Runtime's own profiler for every run
+    (`end_profiling()` then returns the JSON trace's path); None leaves it off.
+    """
 
     def __init__(self, config: DeployConfig, provider: str = "auto", max_length: Optional[int] = None,
-                 threads: Optional[int] = None, compaction: str = "auto"):
+                 threads: Optional[int] = None, compaction: str = "auto", profile: Optional[str] = None):
         self.config = config
+        self.last_timing = RunTiming(0.0, 0.0, 0.0)
         self.device = resolve_provider(provider)
         self.max_length = int(max_length or config.max_length)
         if not 16 <= self.max_length <= config.max_length:
@@ -61,7 +75,7 @@ class StepSession:
         if compaction == "host" and self.device != "cpu":
             raise StreamspecError("Host compaction needs the cache in host memory (provider cpu).")
         self.compaction = compaction if compaction != "auto" else ("host" if self.device == "cpu" else "graph")
-        self.session = self._create_session(threads)
+        self.session = self._create_session(threads, profile)
         self.input_names = {i.name for i in self.session.get_inputs()}
         graph = config.graph
         self.output_names = [name for name in graph["outputs"] if name not in graph["cache_outputs"]]
@@ -73,10 +87,13 @@ class StepSession:
             self.binding.bind_ortvalue_input(name_in, value)
             self.binding.bind_ortvalue_output(name_out, value)
 
-    def _create_session(self, threads: Optional[int]) -> ort.InferenceSession:
+    def _create_session(self, threads: Optional[int], profile: Optional[str] = None) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if profile:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(profile)
         if threads:
             options.intra_op_num_threads = int(threads)
         providers = ["CPUExecutionProvider"]
@@ -111,15 +128,25 @@ class StepSession:
                           for _ in range(count)]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Bind the step's inputs (those the graph has), run, return the small outputs."""
+        """Bind the step's inputs (those the graph has), run, return the small outputs.
+        `last_timing` then says where the time went."""
+        start = time.perf_counter()
         for name, array in feeds.items():
             if name in self.input_names:
                 self.binding.bind_cpu_input(name, array)
         for name in self.output_names:  # their shapes change per step: let ORT allocate anew
             self.binding.bind_output(name, "cpu")
+        bound = time.perf_counter()
         self.session.run_with_iobinding(self.binding)
+        ran = time.perf_counter()
         values = self.binding.get_outputs()
-        return {name: values[i].numpy() for i, name in enumerate(self.output_names)}
+        out = {name: values[i].numpy() for i, name in enumerate(self.output_names)}
+        self.last_timing = RunTiming(bound - start, ran - bound, time.perf_counter() - ran)
+        return out
+
+    def end_profiling(self) -> Optional[str]:
+        """Stop ONNX Runtime's profiler (see `profile`) and return its JSON trace's path."""
+        return self.session.end_profiling() or None
 
     def compact_on_host(self, past_length: int, path: list[int]) -> None:
         """Move cache rows past + path[i] to past + i for every layer (path ascending)."""

@@ -405,10 +405,10 @@ def test_register_errors(tmp_path, monkeypatch, cpu_library):
         custom_ops.register(ort.SessionOptions(), "cpu")
     assert custom_ops.library_path("cpu") is None
     # A build for another onnxruntime version is named in the message.
-    other = tmp_path / "ops" / "ort-1.20-cpu"
+    other = tmp_path / "ops" / "ort-1.0-cpu"
     other.mkdir(parents=True)
     shutil.copy(cpu_library, other / cpu_library.name)
-    with pytest.raises(CustomOpError, match=r"found builds for 1\.20"):
+    with pytest.raises(CustomOpError, match=r"found builds for 1\.0\)"):
         custom_ops.register(ort.SessionOptions(), "cpu")
     # A library from other kernel sources is refused.
     key = "ort-%s-cpu" % ".".join(ort.__version__.split(".")[:2])
@@ -423,6 +423,31 @@ def test_register_errors(tmp_path, monkeypatch, cpu_library):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(CustomOpError, match="install onnxruntime-gpu"):
             custom_ops.register(ort.SessionOptions(), "cuda")
+
+
+def test_headers_from_npm_tarball(tmp_path, monkeypatch):
+    """The header fetch keeps only the framework's headers (tarball faked, no network)."""
+    import io
+    import tarfile
+
+    tgz = tmp_path / "pkg.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        names = [custom_ops._HEADERS_IN_TARBALL + h for h in custom_ops._REQUIRED_HEADERS]
+        names += ["package/README.md", custom_ops._HEADERS_IN_TARBALL + "sub/evil.h", "package/other/x.h"]
+        for name in names:
+            data = b"#define ORT_API_VERSION 29\n"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv("STREAMSPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ORT_INCLUDE_DIR", raising=False)
+    monkeypatch.setattr(custom_ops, "_fetch_tarball", lambda workdir: tgz)
+    folder = custom_ops.ort_headers()
+    assert folder == tmp_path / "cache" / "ort-headers-0.4.9"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(custom_ops._REQUIRED_HEADERS)
+    assert custom_ops._headers_api_version(folder) == 29
+    with pytest.raises(CustomOpError, match="lacks the ONNX Runtime headers"):
+        custom_ops.ort_headers(tmp_path)
 
 
 def test_arch_rules():

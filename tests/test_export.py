@@ -11,7 +11,6 @@ probabilities equal to float32 tolerance.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from streamspec.models.config import StreamConfig
 from streamspec.models.model import Transformer, build_model
 from streamspec.runtime.folder import read_folder
 from streamspec.runtime.session import StepSession
-from streamspec.runtime.tree import Tree, chain_tree
+from streamspec.runtime.tree import Tree, accept, chain_tree
 
 NEAR_TIE = 1e-4
 MAX_LENGTH = 96
@@ -88,7 +87,9 @@ def run_step(session: StepSession, tree, past: int, compact_src=(), stream_nodes
                  stream_nodes=every if stream_nodes is None else np.asarray(stream_nodes, dtype=np.int64),
                  output_nodes=every if output_nodes is None else np.asarray(output_nodes, dtype=np.int64),
                  temperature=np.array([1.0], np.float32), top_k=np.array([0]), top_p=np.array([1.0], np.float32))
-    feeds["uniform"] = np.full(len(feeds["output_nodes"]), 0.5, np.float32)
+    feeds["sample_rows"] = np.zeros(0, np.int64)
+    feeds["exit_nodes"] = feeds["output_nodes"]
+    feeds["uniform"] = np.zeros(0, np.float32)
     return session.run(feeds)
 
 
@@ -118,6 +119,33 @@ def llama_msa(tiny_model_dir, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ parity
+def assert_draft_matches(tree, out: dict, streams: np.ndarray) -> None:
+    """The graph drafts from the end of the host's accepted path (choices: its argmax),
+    and that node's stream top-K matches the reference streams [N, γ, V]."""
+    path, _ = accept(tree, lambda node: int(out["main_ids"][node, 0]))
+    assert int(out["draft_node"][0]) == path[-1]
+    assert_top_matches(out["stream_ids"], out["stream_probs"], streams[path[-1]])
+
+
+def accepting_tree(reference: Reference, rng: np.random.Generator, nodes: int, past: int):
+    """A random tree whose root-to-last-node path holds the reference's greedy choices,
+    so that the graph must accept (and draft from) a deep node. Returns the tree and the
+    reference outputs of its final form."""
+    vocab = reference.model.config.vocab_size
+    tree = random_tree(rng, nodes, vocab)
+    path = [nodes - 1]
+    while path[-1] != 0:
+        path.append(int(tree.parents[path[-1]]))
+    for parent, child in zip(path[::-1], path[::-1][1:]):
+        main, _, _ = reference.step(tree, past)  # rewrites the same cache rows each time
+        token = int(np.argmax(main[parent]))
+        tree.tokens[child] = token
+        for sibling in np.flatnonzero(tree.parents == parent):
+            if sibling != child and tree.tokens[sibling] == token:
+                tree.tokens[sibling] = (token + 1) % vocab
+    return tree, reference.step(tree, past)
+
+
 @pytest.mark.parametrize("compaction", ["graph", "host"])
 def test_step_matches_reference_on_random_trees(llama_msa, compaction):
     model, folder = llama_msa
@@ -130,23 +158,20 @@ def test_step_matches_reference_on_random_trees(llama_msa, compaction):
     out = run_step(session, prompt, 0)
     np.testing.assert_allclose(out["logits"], main, atol=1e-4, rtol=1e-4)
     assert_top_matches(out["main_ids"], out["main_probs"], main)
-    assert_top_matches(out["stream_ids"], out["stream_probs"], streams)
+    assert_draft_matches(prompt, out, streams)
     assert_top_matches(out["exit_ids"], out["exit_probs"], exits)
-    past, pending = prompt.size, []
-    for nodes in (7, 9, 4):
-        tree = random_tree(rng, nodes, vocab)
-        main, streams, exits = reference.step(tree, past)
+    past, pending, depths = prompt.size, [], []
+    for nodes in (7, 9, 4, 8):
+        tree, (main, streams, exits) = accepting_tree(reference, rng, nodes, past)
         out = run_step(session, tree, past, pending)
-        assert out["stream_ids"].shape == (nodes, g, CANDIDATES)
+        assert out["stream_ids"].shape == (g, CANDIDATES)
         np.testing.assert_allclose(out["logits"], main, atol=1e-4, rtol=1e-4)
         assert_top_matches(out["main_ids"], out["main_probs"], main)
-        assert_top_matches(out["stream_ids"], out["stream_probs"], streams)
+        assert_draft_matches(tree, out, streams)
         assert_top_matches(out["exit_ids"], out["exit_probs"], exits)
-        # Accept a random root-to-leaf path; both sides compact it.
-        path = [nodes - 1]
-        while path[-1] != 0:
-            path.append(int(tree.parents[path[-1]]))
-        path = path[::-1]
+        # Both sides compact the accepted path (path[i] != i in general).
+        path, _ = accept(tree, lambda node: int(out["main_ids"][node, 0]))
+        depths.append(len(path) - 1)
         reference.cache.compact(past, path)
         if compaction == "host":
             session.compact_on_host(past, path)
@@ -154,6 +179,7 @@ def test_step_matches_reference_on_random_trees(llama_msa, compaction):
         else:
             pending = [past + node for node in path]
         past += len(path)
+    assert max(depths) >= 2, "no deep path was accepted: the test lost its point"
 
 
 def test_selected_nodes_give_the_same_rows(llama_msa):
@@ -161,24 +187,29 @@ def test_selected_nodes_give_the_same_rows(llama_msa):
     model, folder = llama_msa
     rng = np.random.default_rng(2)
     prompt = chain_tree(rng.integers(0, model.config.vocab_size, 6).tolist())
-    tree = random_tree(rng, 6, model.config.vocab_size)
+    reference = Reference(model)
+    reference.step(prompt, 0)
+    tree, _ = accepting_tree(reference, rng, 6, prompt.size)
     results = []
-    for stream_nodes, output_nodes in ((None, None), ([1, 4], [0, 3, 5]), ([], [2])):
+    for stream_nodes, output_nodes in ((None, None), ([0, 5], None), ([], [0, 3, 5]), ([], [2])):
         session = StepSession(read_folder(folder), "cpu")
         run_step(session, prompt, 0)
         results.append((run_step(session, tree, prompt.size, (), stream_nodes, output_nodes),
                         stream_nodes, output_nodes))
     full = results[0][0]
+    assert int(full["draft_node"][0]) == 5
     for out, stream_nodes, output_nodes in results[1:]:
-        np.testing.assert_allclose(out["logits"], full["logits"][output_nodes], atol=1e-5)
-        np.testing.assert_array_equal(out["main_ids"], full["main_ids"][output_nodes])
-        if stream_nodes:
-            np.testing.assert_allclose(out["stream_probs"], full["stream_probs"][stream_nodes], atol=1e-5)
+        rows = slice(None) if output_nodes is None else output_nodes
+        np.testing.assert_allclose(out["logits"], full["logits"][rows], atol=1e-5)
+        np.testing.assert_array_equal(out["main_ids"], full["main_ids"][rows])
+        if stream_nodes:  # node 5 ends the accepted path, and it has stream rows here too
+            assert int(out["draft_node"][0]) == 5
+            np.testing.assert_allclose(out["stream_probs"], full["stream_probs"], atol=1e-5)
         else:
-            assert out["stream_ids"].shape[0] == 0
+            assert int(out["draft_node"][0]) == -1
 
 
-@pytest.mark.parametrize("family", ["opt", "qwen2"])
+@pytest.mark.parametrize("family", ["opt"])  # Qwen2 (biases): test_engine's base-model test
 def test_other_families_match_reference(family, tiny_model_dir, tmp_path):
     model = msa_model(tiny_model_dir(family), mode="shared")
     folder = export_tiny(model, tiny_model_dir(family), tmp_path / family, full_logits=True)
@@ -189,12 +220,11 @@ def test_other_families_match_reference(family, tiny_model_dir, tmp_path):
     main, streams, _ = reference.step(prompt, 0)
     out = run_step(session, prompt, 0)
     np.testing.assert_allclose(out["logits"], main, atol=1e-4, rtol=1e-4)
-    assert_top_matches(out["stream_ids"], out["stream_probs"], streams)
-    tree = random_tree(rng, 8, model.config.vocab_size)
-    main, streams, _ = reference.step(tree, prompt.size)
+    assert_draft_matches(prompt, out, streams)
+    tree, (main, streams, _) = accepting_tree(reference, rng, 8, prompt.size)
     out = run_step(session, tree, prompt.size)
     assert_top_matches(out["main_ids"], out["main_probs"], main)
-    assert_top_matches(out["stream_ids"], out["stream_probs"], streams)
+    assert_draft_matches(tree, out, streams)
 
 
 def test_fp16_export_runs_close_to_fp32(llama_msa, tmp_path):
@@ -255,18 +285,10 @@ def test_folder_contents_and_schema(llama_msa):
     assert config["streams"] == {"num_streams": 2, "num_msa_layers": 2, "mode": "lossless"}
     assert config["attention"]["backend"] == "portable"
     assert config["graph"]["cache_inputs"][:2] == ["key_cache.0", "value_cache.0"]
-    assert "tree_parent" not in config["graph"]["inputs"]  # only the custom backend reads it
+    assert {"tree_mask", "tree_parent", "compact_src", "stream_nodes"} <= set(config["graph"]["inputs"])
     assert config["tokens"]["eos_token_ids"] == [2]
     assert (folder / "tokenizer.json").is_file() and (folder / "chat_template.jinja").is_file()
     assert not list(folder.parent.glob(".*tmp*"))
-
-
-def test_base_model_export_has_no_stream_outputs(tiny_model_dir, tmp_path):
-    folder = export_tiny(build_model(tiny_model_dir("mistral")), tiny_model_dir("mistral"), tmp_path / "base")
-    config = read_folder(folder)
-    assert config.num_streams == 0
-    assert "stream_ids" not in config.graph["outputs"] and "stream_nodes" not in config.graph["inputs"]
-    assert "logits" not in config.graph["outputs"]
 
 
 def test_custom_backend_emits_tree_attention(llama_msa, tmp_path):
@@ -317,3 +339,28 @@ def test_export_command_reports_bad_input(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_export_of_a_checkpoint_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """`export(spec)` resolves a training checkpoint (streams from streams.safetensors);
+    here the weights also go to external data, as they do for large models."""
+    from streamspec.exporter import export, pipeline
+
+    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_BYTES", 0)
+    from streamspec.models.checkpoint import save_checkpoint
+    from streamspec.models.loading import base_fingerprint
+
+    base = tiny_model_dir("llama")
+    model = msa_model(base, num_streams=3, msa_layers=1, seed=9)
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, base, base_fingerprint(base))
+    folder = export(checkpoint, tmp_path / "onnx", max_length=MAX_LENGTH, candidates=CANDIDATES, progress=False)
+    config = read_folder(folder)
+    assert config.raw["source"]["kind"] == "checkpoint" and config.num_streams == 3
+    assert config.eos_token_ids == [2]
+    assert config.graph["external_data"] == "model.onnx.data" and (folder / "model.onnx.data").is_file()
+    session = StepSession(config, "cpu")
+    prompt = chain_tree([5, 6, 7, 8])
+    main, streams, _ = Reference(model).step(prompt, 0)
+    out = run_step(session, prompt, 0, output_nodes=[3])  # as a prefill: drafts from the last token
+    assert int(out["draft_node"][0]) == 3
+    assert_top_matches(out["stream_ids"], out["stream_probs"], streams[3])  # the trained streams came along

@@ -22,6 +22,10 @@ COMMANDS = {
     "export": "export",
     "generate": "generate",
     "build-ops": "build_ops",
+    "profile": "profile",
+    "report": "report",
+    "demo": "demo",
+    "bench": "bench",
 }
 
 

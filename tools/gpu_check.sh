@@ -59,17 +59,19 @@ if [[ "$PROVIDER" == cuda ]]; then
   fi
 fi
 
-# Make `streamspec.custom_ops` importable from this checkout when it is not installed:
-# a throwaway package folder mapping streamspec.* onto the repository's part folders.
-if ! (cd /tmp && "$PY" -c "import streamspec.custom_ops" 2>/dev/null); then
-  SHIM="$(mktemp -d)"
-  trap 'rm -rf "$SHIM"' EXIT
-  mkdir "$SHIM/streamspec"
-  for f in "$REPO"/streamspec/*.py; do ln -s "$f" "$SHIM/streamspec/"; done
+# Python runs from a scratch folder, so that the checkout's bare streamspec/ folder does
+# not shadow the package.  When streamspec is not installed, that folder also holds a
+# throwaway package mapping streamspec.* onto the repository's part folders.
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+cd "$WORK"
+if ! "$PY" -c "import streamspec.custom_ops" 2>/dev/null; then
+  mkdir "$WORK/streamspec"
+  for f in "$REPO"/streamspec/*.py; do ln -s "$f" "$WORK/streamspec/"; done
   for part in models runtime exporter custom_ops tools; do
-    [[ -d "$REPO/$part" ]] && ln -s "$REPO/$part" "$SHIM/streamspec/$part"
+    if [[ -d "$REPO/$part" ]]; then ln -s "$REPO/$part" "$WORK/streamspec/$part"; fi
   done
-  export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$WORK${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 echo "== TreeAttention GPU check: provider=$PROVIDER${ARCH:+ arch=sm_$ARCH} python=$PY"
@@ -87,7 +89,7 @@ if [[ "$RUN_TESTS" == 1 ]]; then
   if [[ "$PROVIDER" == cuda ]]; then
     export STREAMSPEC_TEST_CUDA=1 STREAMSPEC_TEST_CUDA_ARCH="$ARCH"
   fi
-  (cd "$REPO" && timeout 240 "$PY" -m pytest -q --noconftest -p no:cacheprovider tests/test_custom_op.py)
+  timeout 240 "$PY" -m pytest -q --noconftest -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_custom_op.py"
 fi
 
 if [[ "$RUN_BENCH" == 1 ]]; then
@@ -155,12 +157,18 @@ except Exception as exc:  # noqa: BLE001 - report and go on with TreeAttention a
     print("GroupQueryAttention unavailable:", str(exc).splitlines()[0][:200])
 
 
+keep = []  # bound OrtValues (and the numpy arrays behind CPU ones) must outlive the runs
+
+
 def bind(sess, feeds, caches):
     b = sess.io_binding()
     b.bind_output("output", device)
     for name, arr in feeds.items():
-        b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, device, 0))
+        value = ort.OrtValue.ortvalue_from_numpy(arr, device, 0)
+        keep.append((arr, value))
+        b.bind_ortvalue_input(name, value)
     for name, value in caches.items():
+        keep.append(value)
         b.bind_ortvalue_input(name, value)
         b.bind_ortvalue_output(name + "_out", value)
     return b

@@ -1,0 +1,725 @@
+"""`streamspec bench`: streamspec against the usual ways of running the same model.
+
+One process, one run, the same weights, the same tokenised prompts, greedy decoding
+and the same `max_new_tokens` and end-of-sequence rule for every system:
+
+    streamspec       the exported folder, speculative (`Engine.generate`)
+    streamspec-ar    the same folder, autoregressive (`speculative=False`)
+    optimum          optimum's ORTModelForCausalLM, IO binding, exported once into the cache
+    transformers     `generate`, greedy, PyTorch
+    prompt-lookup    `generate` with prompt-lookup assisted decoding
+    ort-genai        onnxruntime-genai, greedy (model built once into the cache)
+
+Each system is an adapter with `generate(prompt_ids, max_new_tokens) -> (ids, passes)`.
+Every system loads once and runs one warm-up generation; then each repeat runs every
+prompt on every system in turn (A B C D A B C D ...), so drifting machine load hits all
+systems alike. Tokens/s is new tokens over the wall time of the whole generate call
+(prefill included), the median of the repeats per prompt, then the mean over prompts.
+
+Heavy imports (torch, transformers, optimum, onnxruntime-genai) happen inside the
+adapters, so `streamspec bench --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from streamspec.errors import StreamspecError
+
+DEFAULT_NUM_PROMPTS = 8
+MIB = 1 << 20
+
+
+# ------------------------------------------------------------------------------ prompts
+@dataclass
+class BenchPrompt:
+    id: str
+    messages: Optional[list[dict[str, Any]]] = None  # chat messages, or
+    text: Optional[str] = None  # a plain prompt (sent as a user message when there is a chat template)
+
+
+def load_prompts(path: Optional[Path], limit: Optional[int]) -> list[BenchPrompt]:
+    """The first `limit` prompts of a JSONL file, or of the held-out split of the
+    standard-library harvest (`DEFAULT_NUM_PROMPTS` of them unless told)."""
+    if limit is not None and limit < 1:
+        raise StreamspecError(f"--num-prompts must be at least 1, got {limit}.")
+    if path is None:
+        from streamspec.models.prompts import collect_prompts
+
+        # The whole harvest (not collect_prompts' `limit` mode, which samples files) keeps
+        # the held-out split and its order fixed for a given Python.
+        heldout = [r for r in collect_prompts() if r["split"] == "heldout"]
+        return [BenchPrompt(r["id"], messages=r["messages"]) for r in heldout[:limit or DEFAULT_NUM_PROMPTS]]
+    prompts = _read_prompt_file(Path(path))
+    return prompts[:limit] if limit else prompts
+
+
+def _read_prompt_file(path: Path) -> list[BenchPrompt]:
+    if not path.is_file():
+        raise StreamspecError(f"The prompts file {path} does not exist.")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        raise StreamspecError(f"The prompts file {path} cannot be read as UTF-8 text.") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise StreamspecError(f"Line {number} of {path} is not valid JSON.") from None
+        messages = record.get("messages") if isinstance(record, dict) else None
+        text = record.get("prompt") if isinstance(record, dict) else None
+        good_messages = (isinstance(messages, list) and messages
+                         and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages))
+        if not good_messages and not (isinstance(text, str) and text):
+            raise StreamspecError(f"Line {number} of {path} has neither a \"messages\" list of "
+                                  "{\"role\", \"content\"} objects nor a non-empty \"prompt\" string.")
+        prompt_id = str(record.get("id", f"{path.name}:{number}"))
+        prompts.append(BenchPrompt(prompt_id, messages=messages) if good_messages else BenchPrompt(prompt_id, text=text))
+    if not prompts:
+        raise StreamspecError(f"The prompts file {path} holds no prompts.")
+    return prompts
+
+
+def tokenize_prompts(folder: Path, prompts: Sequence[BenchPrompt]) -> list[list[int]]:
+    """Prompt token ids through the exported folder's tokenizer and chat template: the
+    one tokenisation every system gets."""
+    from streamspec.runtime.folder import read_folder
+    from streamspec.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(read_folder(folder))
+    ids = []
+    for prompt in prompts:
+        if prompt.messages is not None:
+            ids.append(tokenizer.encode_chat(prompt.messages))
+        elif tokenizer.template_source is not None:
+            ids.append(tokenizer.encode_chat([{"role": "user", "content": prompt.text}]))
+        else:
+            ids.append(tokenizer.encode(prompt.text))
+    return ids
+
+
+# ------------------------------------------------------------------------------ settings
+@dataclass
+class BenchSettings:
+    """What every adapter needs to know."""
+
+    folder: Path  # the exported streamspec folder
+    hf_folder: Optional[Path]  # a Hugging Face folder with the same weights (None: no HF-based system)
+    threads: int
+    eos_token_ids: list[int]  # the folder's (streamspec.json), used by every system
+    vocab_size: int
+    ignore_eos: bool = False
+    prompt_lookup_tokens: int = 10
+    genai_folder: Optional[Path] = None  # a ready onnxruntime-genai folder (else built into the cache)
+    cache: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))  # where exports are kept
+
+    notes: list[str] = field(default_factory=list)  # caveats the report should carry
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end a generation: none when EOS is ignored."""
+        return [] if self.ignore_eos else list(self.eos_token_ids)
+
+
+def make_settings(folder: Path, systems: Sequence[str], threads: int, ignore_eos: bool = False,
+                  hf_folder: Optional[Path] = None, **options: Any) -> BenchSettings:
+    """Settings for an exported folder. The Hugging Face folder (needed only by the
+    PyTorch and optimum/genai systems) is `hf_folder`, else the one the export records."""
+    from streamspec.runtime.folder import read_folder
+
+    config = read_folder(folder)
+    if threads < 1:
+        raise StreamspecError(f"--threads must be at least 1, got {threads}.")
+    notes = []
+    if any(ADAPTERS[name].needs_hf for name in check_systems(systems)):
+        hf_folder = _hf_folder(config, hf_folder)
+        streams = config.raw.get("streams") or {}
+        if streams.get("mode") == "shared":
+            notes.append("The folder's main stream was trained in shared mode, so the Hugging Face systems run "
+                         "the base weights and their outputs are not expected to match.")
+        if config.dtype != "fp32":
+            notes.append(f"The folder is {config.dtype} while the Hugging Face systems run fp32.")
+    return BenchSettings(Path(folder), hf_folder, threads, config.eos_token_ids, config.vocab_size, ignore_eos,
+                         notes=notes, **options)
+
+
+def _hf_folder(config: Any, given: Optional[Path]) -> Path:
+    """The Hugging Face folder of the folder's base weights."""
+    from streamspec.models.loading import resolve_base
+
+    if given is not None:
+        return resolve_base(given)
+    source = config.raw.get("source") or {}
+    if source.get("kind") == "base":
+        return resolve_base(source.get("name"))
+    if source.get("kind") == "checkpoint":
+        from streamspec.models.checkpoint import read_checkpoint_info
+
+        return read_checkpoint_info(source.get("name")).base_folder
+    raise StreamspecError(f"{config.folder} does not record the Hugging Face folder it was exported from; "
+                          "pass it with --hf-model.")
+
+
+def cut(tokens: Sequence[int], max_new_tokens: int, eos: Sequence[int]) -> list[int]:
+    """At most `max_new_tokens` tokens, ending at the first end-of-sequence token (kept),
+    the rule `Engine` follows, applied to every system's output."""
+    tokens = [int(t) for t in tokens[:max_new_tokens]]
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:i + 1]
+    return tokens
+
+
+# ------------------------------------------------------------------------------ adapters
+class Adapter:
+    """One system. `unavailable` says (before anything is loaded) why it cannot run
+    here; `prepare` does one-off work outside the memory measurement (exports);
+    `load` builds what `generate` runs."""
+
+    name = ""
+    label = ""
+    needs_hf = False  # runs the Hugging Face folder rather than the streamspec folder
+
+    def __init__(self, settings: BenchSettings):
+        self.settings = settings
+
+    def unavailable(self) -> Optional[str]:
+        return None
+
+    def prepare(self) -> None:
+        pass
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+        """(new token ids, forward passes of the model, prefill included)."""
+        raise NotImplementedError
+
+
+class StreamspecAdapter(Adapter):
+    speculative = True
+    name, label = "streamspec", "streamspec speculative"
+
+    def unavailable(self) -> Optional[str]:
+        from streamspec.runtime.folder import read_folder
+
+        if self.speculative and read_folder(self.settings.folder).num_streams == 0:
+            return "the folder has no streams (a plain base-model export), so it cannot speculate"
+        return None
+
+    def load(self) -> None:
+        from streamspec.runtime import Engine
+
+        # CPU like the PyTorch systems, so every ratio compares the same device.
+        self.engine = Engine(self.settings.folder, provider="cpu", threads=self.settings.threads)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+        result = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens, speculative=self.speculative,
+                                      ignore_eos=self.settings.ignore_eos)
+        return result.token_ids, result.stats.forward_passes
+
+
+class StreamspecARAdapter(StreamspecAdapter):
+    speculative = False
+    name, label = "streamspec-ar", "streamspec autoregressive"
+
+
+def count_forward_calls(model: Any) -> list[int]:
+    """Wrap `model.forward` so each call adds one to the returned counter. torch modules
+    and optimum's ORT models both call `self.forward` from `__call__`."""
+    counter = [0]
+    original = model.forward
+
+    @functools.wraps(original)  # generate() inspects forward's signature
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        counter[0] += 1
+        return original(*args, **kwargs)
+
+    model.forward = forward
+    return counter
+
+
+class TransformersAdapter(Adapter):
+    """`generate` of transformers (and of anything built on its GenerationMixin)."""
+
+    name, label = "transformers", "transformers greedy"
+    needs_hf = True
+
+    def load(self) -> None:
+        import torch
+
+        from streamspec.models.loading import load_base_model
+
+        torch.set_num_threads(self.settings.threads)
+        self.model = load_base_model(self.settings.hf_folder)
+        self.passes = count_forward_calls(self.model)
+
+    def generation_options(self) -> dict[str, Any]:
+        return {}
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+        import torch
+        from transformers import GenerationConfig
+
+        eos = self.settings.stop_ids
+        # Ignoring EOS: an id outside the vocabulary, which no step can produce. (None
+        # would do for greedy but breaks prompt lookup; min_new_tokens would *forbid*
+        # EOS, unlike Engine(ignore_eos=True), which lets it be generated.)
+        stop = list(eos) or [self.settings.vocab_size]
+        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                                  pad_token_id=stop[0], **self.generation_options())
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+        self.passes[0] = 0
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # use_model_defaults=False: nothing from the folder's generation_config.json
+            # (a repetition penalty, say) changes the greedy rule.
+            out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+                                      use_model_defaults=False)
+        # Assisted decoding can overshoot max_new_tokens by its last accepted run.
+        return cut(out[0, len(prompt_ids):].tolist(), max_new_tokens, eos), self.passes[0]
+
+
+class PromptLookupAdapter(TransformersAdapter):
+    name, label = "prompt-lookup", "transformers prompt lookup"
+
+    def generation_options(self) -> dict[str, Any]:
+        return {"prompt_lookup_num_tokens": self.settings.prompt_lookup_tokens}
+
+
+class OptimumAdapter(TransformersAdapter):
+    """optimum's ORTModelForCausalLM: its ONNX export of the Hugging Face folder, made once
+    into the cache, run with IO binding; generation is transformers' `generate`."""
+
+    name, label = "optimum", "optimum ORTModelForCausalLM"
+
+    def unavailable(self) -> Optional[str]:
+        if importlib.util.find_spec("optimum.onnxruntime") is None:
+            return "optimum's ONNX Runtime support is not installed (pip install optimum-onnx)"
+        return None
+
+    def prepare(self) -> None:
+        self.onnx_folder = cached_build("optimum", self.settings.hf_folder, self.settings.cache, self._export)
+
+    def _export(self, out: Path) -> None:
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        with _quiet():  # the exporter prints pages of tracer warnings
+            ORTModelForCausalLM.from_pretrained(str(self.settings.hf_folder), export=True).save_pretrained(str(out))
+
+    def load(self) -> None:
+        import onnxruntime as ort
+        import torch
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        torch.set_num_threads(self.settings.threads)  # the host side of generate() is torch
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.settings.threads
+        with _quiet():
+            self.model = ORTModelForCausalLM.from_pretrained(str(self.onnx_folder), provider="CPUExecutionProvider",
+                                                             session_options=options, use_io_binding=True)
+        self.passes = count_forward_calls(self.model)
+
+
+class GenaiAdapter(Adapter):
+    """onnxruntime-genai greedy; its own model builder makes the ONNX folder once."""
+
+    name, label = "ort-genai", "onnxruntime-genai greedy"
+    needs_hf = True
+
+    def unavailable(self) -> Optional[str]:
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            return "onnxruntime_genai is not importable (pip install onnxruntime-genai)"
+        return None
+
+    def prepare(self) -> None:
+        self.model_folder = self.settings.genai_folder or cached_build(
+            "genai", self.settings.hf_folder, self.settings.cache, self._build)
+
+    def _build(self, out: Path) -> None:
+        with tempfile.TemporaryDirectory() as scratch:
+            done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i",
+                                   str(self.settings.hf_folder), "-o", str(out), "-p", "fp32", "-e", "cpu",
+                                   "-c", scratch], capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise StreamspecError(f"onnxruntime-genai's model builder failed ({last}).")
+
+    def load(self) -> None:
+        import onnxruntime_genai as og
+
+        config = og.Config(str(self.model_folder))
+        # The same threads and the same end-of-sequence ids as every other system.
+        config.overlay(json.dumps({"model": {
+            "eos_token_id": self.settings.stop_ids or [self.settings.vocab_size],
+            "decoder": {"session_options": {"intra_op_num_threads": self.settings.threads}}}}))
+        self.og, self.model = og, og.Model(config)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_new_tokens)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(prompt_ids)
+        new: list[int] = []
+        while not generator.is_done() and len(new) < max_new_tokens:
+            generator.generate_next_token()
+            new.append(int(generator.get_next_tokens()[0]))
+        # Plain autoregressive decoding: one forward pass per new token, prefill included.
+        return cut(new, max_new_tokens, self.settings.stop_ids), len(new)
+
+
+ADAPTERS: dict[str, type[Adapter]] = {cls.name: cls for cls in (
+    StreamspecAdapter, StreamspecARAdapter, OptimumAdapter, TransformersAdapter, PromptLookupAdapter, GenaiAdapter)}
+SYSTEMS = tuple(ADAPTERS)
+REFERENCE = "transformers"  # outputs are compared with this system's
+
+
+def check_systems(names: Sequence[str]) -> list[str]:
+    """The named systems in the canonical order; one sentence for an unknown name."""
+    for name in names:
+        if name not in ADAPTERS:
+            raise StreamspecError(f"Unknown system {name!r} in --only; choose from {', '.join(SYSTEMS)}.")
+    return [name for name in SYSTEMS if name in names]
+
+
+def cached_build(kind: str, hf_folder: Path, cache: Path, build: Callable[[Path], None]) -> Path:
+    """`build(folder)` once into <cache>/bench/<kind>/<name>-<weights sha256 prefix>; the
+    folder is renamed into place when complete, so a failed build leaves nothing."""
+    from streamspec.models.loading import base_fingerprint
+
+    dest = cache / "bench" / kind / f"{hf_folder.name}-{base_fingerprint(hf_folder)[:12]}"
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not dest.is_dir():  # not a lost race with another bench: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+class _quiet:
+    """Silence warnings and library chatter on stdout/stderr (file descriptors included,
+    since exporters print from C++ too); the console keeps the bench's own output."""
+
+    def __enter__(self) -> None:
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._devnull = os.open(os.devnull, os.O_WRONLY)
+        self._saved = [os.dup(1), os.dup(2)]
+        os.dup2(self._devnull, 1)
+        os.dup2(self._devnull, 2)
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, saved in zip((1, 2), self._saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+        os.close(self._devnull)
+        self._warnings.__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------ memory
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _release_freed_memory() -> None:
+    # Collect garbage and hand freed heap pages back to the OS (glibc), so that the next
+    # system's baseline is not lowered by memory an earlier one freed but still held.
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakRSS:
+    """The highest resident set size of this process while the block runs, sampled every
+    `interval` seconds by a thread (plus once at each end)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss())
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = _rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+# ------------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    ids: list[int]
+    passes: int
+    seconds: float
+
+
+@dataclass
+class SystemState:
+    adapter: Adapter
+    note: Optional[str] = None  # why it was skipped
+    peak_mib: Optional[float] = None
+    resident_mib: Optional[float] = None
+    runs: list[list[Run]] = field(default_factory=list)  # [prompt][repeat]
+
+
+def run_bench(settings: BenchSettings, prompt_ids: list[list[int]], systems: Sequence[str], max_new_tokens: int,
+              repeats: int, baseline: str = "optimum", progress: bool = True,
+              prompt_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the benchmark and return the report (what `--json` writes)."""
+    if max_new_tokens < 1 or repeats < 1:
+        raise StreamspecError("--max-new-tokens and --repeats must be at least 1.")
+    if not prompt_ids:
+        raise StreamspecError("There are no prompts to run.")
+    states = [SystemState(ADAPTERS[name](settings)) for name in check_systems(systems)]
+    for state in states:
+        if state.adapter.needs_hf and settings.hf_folder is None:
+            state.note = "no Hugging Face folder of these weights was given"
+        else:
+            state.note = state.adapter.unavailable()
+    with _progress(progress) as bar:
+        # Warm up on the longest prompt: it allocates the most, so the memory peak is its.
+        longest = max(prompt_ids, key=len)
+        for state in (s for s in states if s.note is None):
+            bar.set(f"setting up {state.adapter.name}")
+            _set_up(state, longest, max_new_tokens)
+        active = [s for s in states if s.note is None]
+        for state in active:
+            state.runs = [[] for _ in prompt_ids]
+        total = repeats * len(prompt_ids) * len(active)
+        done = 0
+        for repeat in range(repeats):
+            for p, ids in enumerate(prompt_ids):
+                for state in active:  # A B C D A B C D ...: load drift hits every system alike
+                    bar.set(f"repeat {repeat + 1}/{repeats}, prompt {p + 1}/{len(prompt_ids)}: "
+                            f"{state.adapter.name}", done, total)
+                    start = time.perf_counter()
+                    new, passes = state.adapter.generate(list(ids), max_new_tokens)
+                    state.runs[p].append(Run(list(new), int(passes), time.perf_counter() - start))
+                    done += 1
+    return build_report(settings, prompt_ids, states, max_new_tokens, repeats, baseline,
+                        list(prompt_names) if prompt_names else [str(i) for i in range(len(prompt_ids))])
+
+
+def _set_up(state: SystemState, warm_up_ids: list[int], max_new_tokens: int) -> None:
+    """Prepare, then load and warm up under the memory sampler. What it measures: the
+    growth of this process's RSS from just before the system loaded (after freed memory
+    went back to the OS) to its peak while loading and running one generation, i.e. the
+    weights, sessions, arenas and caches that this system adds. Systems stay loaded
+    side by side, and each loads its own copy of the weights, so the figures add up.
+    Shared libraries another system already mapped are not counted again."""
+    try:
+        state.adapter.prepare()
+    except Exception as error:  # a failed export or build skips the system, with the reason
+        state.note = f"could not be prepared: {_sentence(error)}"
+        return
+    _release_freed_memory()
+    before = _rss()
+    try:
+        with PeakRSS() as peak:
+            state.adapter.load()
+            state.adapter.generate(list(warm_up_ids), max_new_tokens)
+    except StreamspecError:
+        raise
+    except Exception as error:
+        state.note = f"could not be loaded: {_sentence(error)}"
+        return
+    state.peak_mib = (peak.peak - before) / MIB
+    state.resident_mib = (_rss() - before) / MIB
+
+
+def _sentence(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:300]
+
+
+# ------------------------------------------------------------------------------ the report
+def build_report(settings: BenchSettings, prompt_ids: list[list[int]], states: list[SystemState],
+                 max_new_tokens: int, repeats: int, baseline: str, prompt_names: list[str]) -> dict[str, Any]:
+    """Per-prompt medians, then means over prompts; equality with the reference system."""
+    by_name = {s.adapter.name: s for s in states}
+    reference = by_name.get(REFERENCE)
+    reference_ids = [runs[0].ids for runs in reference.runs] if reference and reference.runs else None
+    rows = []
+    for state in states:
+        row: dict[str, Any] = {"system": state.adapter.name, "label": state.adapter.label,
+                               "status": "ok" if state.runs else "skipped", "note": state.note}
+        if state.runs:
+            row.update(_summary(state, reference_ids))
+        rows.append(row)
+    base = next((r for r in rows if r["system"] == baseline and r["status"] == "ok"), None)
+    for row in rows:
+        if row["status"] == "ok":
+            row["ratio_to_baseline"] = row["tokens_per_second"] / base["tokens_per_second"] if base else None
+    return {
+        "streamspec_version": _version("streamspec"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {"folder": str(settings.folder), "hf_folder": str(settings.hf_folder) if settings.hf_folder else None,
+                     "threads": settings.threads, "max_new_tokens": max_new_tokens, "repeats": repeats,
+                     "ignore_eos": settings.ignore_eos, "eos_token_ids": settings.eos_token_ids,
+                     "prompt_lookup_tokens": settings.prompt_lookup_tokens, "baseline": baseline,
+                     "reference": REFERENCE},
+        "notes": settings.notes,
+        "method": ("tokens_per_second: new tokens / wall seconds of one generate call (prefill included), median "
+                   "over repeats per prompt, mean over prompts; tokens_per_pass and passes_per_token: pooled over "
+                   "prompts, prefill included; peak_rss_mib: growth of the process RSS from before the system "
+                   "loaded to its peak while loading and running the warm-up on the longest prompt"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "versions": {name: _version(name) for name in ("onnxruntime", "torch", "transformers",
+                                                                    "optimum-onnx", "onnxruntime-genai")}},
+        "prompts": [{"id": name, "prompt_tokens": len(ids)} for name, ids in zip(prompt_names, prompt_ids)],
+        "systems": rows,
+    }
+
+
+def _summary(state: SystemState, reference_ids: Optional[list[list[int]]]) -> dict[str, Any]:
+    per_prompt = []
+    for p, runs in enumerate(state.runs):
+        first = runs[0]
+        equal = None if reference_ids is None else first.ids == reference_ids[p]
+        per_prompt.append({
+            "new_tokens": len(first.ids), "forward_passes": first.passes,
+            "seconds": [r.seconds for r in runs],
+            "tokens_per_second": statistics.median(len(r.ids) / r.seconds for r in runs),
+            # Greedy decoding must give the same ids every repeat; False flags a problem.
+            "stable": all(r.ids == first.ids for r in runs),
+            "equal_to_reference": equal, "token_ids": first.ids})
+    tokens = sum(p["new_tokens"] for p in per_prompt)
+    passes = sum(p["forward_passes"] for p in per_prompt)
+    equal = [p["equal_to_reference"] for p in per_prompt]
+    return {
+        "tokens_per_second": statistics.fmean(p["tokens_per_second"] for p in per_prompt),
+        "tokens_per_pass": tokens / passes if passes else None,
+        "passes_per_token": passes / tokens if tokens else None,
+        "new_tokens": tokens, "forward_passes": passes,
+        "peak_rss_mib": state.peak_mib, "resident_rss_mib": state.resident_mib,
+        "equal_prompts": None if reference_ids is None else sum(equal), "prompts": len(per_prompt),
+        "per_prompt": per_prompt,
+    }
+
+
+def _version(distribution: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    try:
+        path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise StreamspecError(f"The report cannot be written to {path} ({error.strerror}).") from None
+
+
+def render_table(report: dict[str, Any]):
+    """The report as a rich Table (skipped systems show n/a; their reasons follow it)."""
+    from rich.table import Table
+
+    settings = report["settings"]
+    prompts = len(report["prompts"])
+    table = Table(title=f"streamspec bench: {prompts} prompts, {settings['max_new_tokens']} new tokens at most, "
+                        f"{settings['threads']} threads",
+                  caption=f"tokens/s: new tokens / wall time of each generate call (prefill included), median of "
+                          f"{settings['repeats']} repeats per prompt, mean over the {prompts} prompts. "
+                          "Tokens per pass (mean accepted length) and passes per token: pooled over prompts, "
+                          "prefill included. Peak RSS: growth of this process's resident memory while the system "
+                          f"loaded and ran its warm-up. = {settings['reference']}: prompts whose token ids equal "
+                          f"{settings['reference']} greedy.")
+    table.add_column("system")
+    for header in ("tokens/s", f"× {settings['baseline']}", "tokens/pass", "passes/token", "peak RSS MiB",
+                   f"= {settings['reference']}"):
+        table.add_column(header, justify="right")
+    for row in report["systems"]:
+        if row["status"] != "ok":
+            table.add_row(row["label"], *(["[dim]n/a[/]"] * 6))
+            continue
+        equal = "n/a" if row["equal_prompts"] is None else f"{row['equal_prompts']}/{row['prompts']}"
+        if row["equal_prompts"] is not None:
+            equal = f"[green]{equal}[/]" if row["equal_prompts"] == row["prompts"] else f"[red]{equal}[/]"
+        table.add_row(row["label"], f"{row['tokens_per_second']:.1f}", _fmt(row["ratio_to_baseline"], "{:.2f}×"),
+                      _fmt(row["tokens_per_pass"], "{:.2f}"), _fmt(row["passes_per_token"], "{:.3f}"),
+                      _fmt(row["peak_rss_mib"], "{:.0f}"), equal)
+    return table
+
+
+def skipped_notes(report: dict[str, Any]) -> list[str]:
+    return [f"{row['label']}: {row['note']}" for row in report["systems"] if row["status"] != "ok"]
+
+
+def _fmt(value: Optional[float], pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+class _progress:
+    """A one-line rich progress display on stderr (or nothing)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self) -> "_progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("starting", total=None)
+        return self
+
+    def set(self, description: str, completed: Optional[int] = None, total: Optional[int] = None) -> None:
+        if self.enabled:
+            self._bar.update(self._task, description=description, completed=completed, total=total)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self._bar.__exit__(*exc)
