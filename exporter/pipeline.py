@@ -96,7 +96,7 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
         say(f"Tracing the step graph ({backend} attention, {dtype})")
         proto = trace(model, candidates, full_logits, backend)
         if slim:
-            say("Simplifying the graph (onnxslim)")
+            say("Simplifying the graph (onnxslim, fusions)")
             proto = simplify(proto)
         say(f"Writing {out_dir.name}")
         external = _save(proto, tmp)
@@ -151,17 +151,23 @@ def _drop_unused_inputs(proto) -> None:
 
 
 def simplify(proto):
-    """onnxslim (constant folding, common subexpressions, dead nodes); the graph is kept
-    unchanged where it fails, since a slower graph beats no graph."""
+    """onnxslim (constant folding, common subexpressions, dead nodes), then our fusions
+    (fusions.py). A step that fails leaves the graph as it was, since a slower graph
+    beats no graph."""
+    from . import fusions
+
     try:
         import onnxslim
 
         with contextlib.redirect_stdout(io.StringIO()):
-            slimmed = onnxslim.slim(proto)
-        return slimmed if slimmed is not None else proto
+            proto = onnxslim.slim(proto) or proto
     except Exception as error:  # onnxslim raises many types on graphs it cannot handle
         warnings.warn(f"onnxslim could not simplify the graph ({error}); keeping it as traced.")
-        return proto
+    try:
+        proto, _ = fusions.fuse(proto)
+    except Exception as error:  # the rewriter too
+        warnings.warn(f"The ONNX Runtime fusions could not be applied ({error}); keeping the graph unfused.")
+    return proto
 
 
 def _save(proto, folder: Path) -> Optional[str]:

@@ -48,11 +48,12 @@ def build_tiny_tokenizer():
     )
 
 
-def save_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
-    """Save a tiny random `family` model with the tiny tokenizer as an HF folder."""
+def save_tiny_model(family: str, folder: Path, seed: int = 0, sharpen: float = 1.0) -> Path:
+    """Save a tiny random `family` model with the tiny tokenizer as an HF folder
+    (`sharpen` > 1: peakier distributions, so greedy text varies instead of repeating)."""
     from tiny_models import tiny_hf_model
 
-    model = tiny_hf_model(family, seed=seed, vocab=TINY_VOCAB)
+    model = tiny_hf_model(family, seed=seed, vocab=TINY_VOCAB, sharpen=sharpen)
     for config in (model.config, model.generation_config):
         config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, EOS_ID
     model.save_pretrained(folder, safe_serialization=True)

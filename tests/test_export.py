@@ -288,6 +288,10 @@ def test_folder_contents_and_schema(llama_msa):
     assert {"tree_mask", "tree_parent", "compact_src", "stream_nodes"} <= set(config["graph"]["inputs"])
     assert config["tokens"]["eos_token_ids"] == [2]
     assert (folder / "tokenizer.json").is_file() and (folder / "chat_template.jinja").is_file()
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node}
+    assert "SimplifiedLayerNormalization" in ops and "Pow" not in ops  # RMSNorm fused (fusions.py)
     assert not list(folder.parent.glob(".*tmp*"))
 
 

@@ -172,11 +172,10 @@ def test_report_and_live_view_render_without_terminal_and_narrow(folders):
     assert "◀ budget" in render_text(report, 120)
 
     view = LiveView()
-    view.begin("streamspec profile · tiny · cpu", 96, 3, 8)
+    view.begin("streamspec profile · tiny · cpu", 96, 3, 8, lambda: dict(host_rss_bytes=300 * 2 ** 20))
     view.start_generation("speculative", 0, 2, 6)
     for step in range(1, 30):
-        view.step(StepRecord(step, 0.0, 9, 3, step % 4, step % 4 + 1, 6 + 2 * step, {}),
-                  dict(host_rss_bytes=300 * 2 ** 20))
+        view.step(StepRecord(step, 0.0, 9, 3, step % 4, step % 4 + 1, 6 + 2 * step, {}))
     for width in (120, 40):
         console = Console(record=True, width=width, file=io.StringIO())
         console.print(view)

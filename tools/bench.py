@@ -22,6 +22,7 @@ adapters, so `streamspec bench --help` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
@@ -39,9 +40,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 from streamspec.errors import StreamspecError
+
+if TYPE_CHECKING:
+    from streamspec.runtime.folder import DeployConfig
 
 DEFAULT_NUM_PROMPTS = 8
 MIB = 1 << 20
@@ -94,7 +98,8 @@ def _read_prompt_file(path: Path) -> list[BenchPrompt]:
             raise StreamspecError(f"Line {number} of {path} has neither a \"messages\" list of "
                                   "{\"role\", \"content\"} objects nor a non-empty \"prompt\" string.")
         prompt_id = str(record.get("id", f"{path.name}:{number}"))
-        prompts.append(BenchPrompt(prompt_id, messages=messages) if good_messages else BenchPrompt(prompt_id, text=text))
+        prompts.append(BenchPrompt(prompt_id, messages=messages) if good_messages
+                       else BenchPrompt(prompt_id, text=text))
     if not prompts:
         raise StreamspecError(f"The prompts file {path} holds no prompts.")
     return prompts
@@ -131,8 +136,7 @@ class BenchSettings:
     ignore_eos: bool = False
     prompt_lookup_tokens: int = 10
     genai_folder: Optional[Path] = None  # a ready onnxruntime-genai folder (else built into the cache)
-    cache: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))  # where exports are kept
-
+    cache: Optional[Path] = None  # where optimum / genai exports are kept (default: the streamspec cache)
     notes: list[str] = field(default_factory=list)  # caveats the report should carry
 
     @property
@@ -163,7 +167,7 @@ def make_settings(folder: Path, systems: Sequence[str], threads: int, ignore_eos
                          notes=notes, **options)
 
 
-def _hf_folder(config: Any, given: Optional[Path]) -> Path:
+def _hf_folder(config: "DeployConfig", given: Optional[Path]) -> Path:
     """The Hugging Face folder of the folder's base weights."""
     from streamspec.models.loading import resolve_base
 
@@ -228,6 +232,9 @@ class StreamspecAdapter(Adapter):
             return "the folder has no streams (a plain base-model export), so it cannot speculate"
         return None
 
+    def prepare(self) -> None:
+        _preload("streamspec.runtime.engine")
+
     def load(self) -> None:
         from streamspec.runtime import Engine
 
@@ -242,7 +249,14 @@ class StreamspecAdapter(Adapter):
 
 class StreamspecARAdapter(StreamspecAdapter):
     speculative = False
-    name, label = "streamspec-ar", "streamspec autoregressive"
+    name, label = "streamspec-ar", "streamspec AR"
+
+
+def _preload(*modules: str) -> None:
+    """Import libraries before a system's memory is measured: their code is shared by
+    every system that uses them, not part of any one system's footprint."""
+    for name in modules:
+        importlib.import_module(name)
 
 
 def count_forward_calls(model: Any) -> list[int]:
@@ -265,6 +279,9 @@ class TransformersAdapter(Adapter):
 
     name, label = "transformers", "transformers greedy"
     needs_hf = True
+
+    def prepare(self) -> None:
+        _preload("torch", "transformers.generation")
 
     def load(self) -> None:
         import torch
@@ -302,7 +319,7 @@ class TransformersAdapter(Adapter):
 
 
 class PromptLookupAdapter(TransformersAdapter):
-    name, label = "prompt-lookup", "transformers prompt lookup"
+    name, label = "prompt-lookup", "HF prompt lookup"
 
     def generation_options(self) -> dict[str, Any]:
         return {"prompt_lookup_num_tokens": self.settings.prompt_lookup_tokens}
@@ -312,7 +329,7 @@ class OptimumAdapter(TransformersAdapter):
     """optimum's ORTModelForCausalLM: its ONNX export of the Hugging Face folder, made once
     into the cache, run with IO binding; generation is transformers' `generate`."""
 
-    name, label = "optimum", "optimum ORTModelForCausalLM"
+    name, label = "optimum", "optimum ORTModel"
 
     def unavailable(self) -> Optional[str]:
         if importlib.util.find_spec("optimum.onnxruntime") is None:
@@ -320,6 +337,7 @@ class OptimumAdapter(TransformersAdapter):
         return None
 
     def prepare(self) -> None:
+        _preload("torch", "transformers.generation", "optimum.onnxruntime")
         self.onnx_folder = cached_build("optimum", self.settings.hf_folder, self.settings.cache, self._export)
 
     def _export(self, out: Path) -> None:
@@ -345,7 +363,7 @@ class OptimumAdapter(TransformersAdapter):
 class GenaiAdapter(Adapter):
     """onnxruntime-genai greedy; its own model builder makes the ONNX folder once."""
 
-    name, label = "ort-genai", "onnxruntime-genai greedy"
+    name, label = "ort-genai", "onnxruntime-genai"
     needs_hf = True
 
     def unavailable(self) -> Optional[str]:
@@ -354,6 +372,7 @@ class GenaiAdapter(Adapter):
         return None
 
     def prepare(self) -> None:
+        _preload("onnxruntime_genai")
         self.model_folder = self.settings.genai_folder or cached_build(
             "genai", self.settings.hf_folder, self.settings.cache, self._build)
 
@@ -378,7 +397,9 @@ class GenaiAdapter(Adapter):
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_new_tokens)
+        # Plain greedy whatever genai_config.json's search section says (as use_model_defaults=False above).
+        params.set_search_options(do_sample=False, num_beams=1, repetition_penalty=1.0, min_length=0,
+                                  max_length=len(prompt_ids) + max_new_tokens)
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(prompt_ids)
         new: list[int] = []
@@ -403,18 +424,19 @@ def check_systems(names: Sequence[str]) -> list[str]:
     return [name for name in SYSTEMS if name in names]
 
 
-def cached_build(kind: str, hf_folder: Path, cache: Path, build: Callable[[Path], None]) -> Path:
+def cached_build(kind: str, hf_folder: Path, cache: Optional[Path], build: Callable[[Path], None]) -> Path:
     """`build(folder)` once into <cache>/bench/<kind>/<name>-<weights sha256 prefix>; the
     folder is renamed into place when complete, so a failed build leaves nothing."""
-    from streamspec.models.loading import base_fingerprint
+    from streamspec.models.loading import base_fingerprint, cache_root
 
-    dest = cache / "bench" / kind / f"{hf_folder.name}-{base_fingerprint(hf_folder)[:12]}"
+    dest = (cache or cache_root()) / "bench" / kind / f"{hf_folder.name}-{base_fingerprint(hf_folder)[:12]}"
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not
         try:
             os.rename(tmp, dest)
         except OSError:
@@ -425,29 +447,27 @@ def cached_build(kind: str, hf_folder: Path, cache: Path, build: Callable[[Path]
     return dest
 
 
-class _quiet:
-    """Silence warnings and library chatter on stdout/stderr (file descriptors included,
-    since exporters print from C++ too); the console keeps the bench's own output."""
-
-    def __enter__(self) -> None:
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore")
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence warnings and library chatter on stdout/stderr, at the file-descriptor
+    level since exporters also print from C++; errors still propagate as exceptions."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            yield
+    finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        self._devnull = os.open(os.devnull, os.O_WRONLY)
-        self._saved = [os.dup(1), os.dup(2)]
-        os.dup2(self._devnull, 1)
-        os.dup2(self._devnull, 2)
-
-    def __exit__(self, *exc: Any) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, saved in zip((1, 2), self._saved):
-            os.dup2(saved, fd)
-            os.close(saved)
-        os.close(self._devnull)
-        self._warnings.__exit__(*exc)
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
 
 
 # ------------------------------------------------------------------------------ memory
@@ -523,11 +543,11 @@ def run_bench(settings: BenchSettings, prompt_ids: list[list[int]], systems: Seq
             state.note = "no Hugging Face folder of these weights was given"
         else:
             state.note = state.adapter.unavailable()
-    with _progress(progress) as bar:
+    with _progress(progress) as show:
         # Warm up on the longest prompt: it allocates the most, so the memory peak is its.
         longest = max(prompt_ids, key=len)
         for state in (s for s in states if s.note is None):
-            bar.set(f"setting up {state.adapter.name}")
+            show(f"setting up {state.adapter.name}")
             _set_up(state, longest, max_new_tokens)
         active = [s for s in states if s.note is None]
         for state in active:
@@ -537,8 +557,8 @@ def run_bench(settings: BenchSettings, prompt_ids: list[list[int]], systems: Seq
         for repeat in range(repeats):
             for p, ids in enumerate(prompt_ids):
                 for state in active:  # A B C D A B C D ...: load drift hits every system alike
-                    bar.set(f"repeat {repeat + 1}/{repeats}, prompt {p + 1}/{len(prompt_ids)}: "
-                            f"{state.adapter.name}", done, total)
+                    show(f"repeat {repeat + 1}/{repeats}, prompt {p + 1}/{len(prompt_ids)}: {state.adapter.name}",
+                         done, total)
                     start = time.perf_counter()
                     new, passes = state.adapter.generate(list(ids), max_new_tokens)
                     state.runs[p].append(Run(list(new), int(passes), time.perf_counter() - start))
@@ -600,7 +620,8 @@ def build_report(settings: BenchSettings, prompt_ids: list[list[int]], states: l
     return {
         "streamspec_version": _version("streamspec"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": {"folder": str(settings.folder), "hf_folder": str(settings.hf_folder) if settings.hf_folder else None,
+        "settings": {"folder": str(settings.folder),
+                     "hf_folder": str(settings.hf_folder) if settings.hf_folder else None,
                      "threads": settings.threads, "max_new_tokens": max_new_tokens, "repeats": repeats,
                      "ignore_eos": settings.ignore_eos, "eos_token_ids": settings.eos_token_ids,
                      "prompt_lookup_tokens": settings.prompt_lookup_tokens, "baseline": baseline,
@@ -662,21 +683,21 @@ def write_report(report: dict[str, Any], path: Path) -> None:
 
 def render_table(report: dict[str, Any]):
     """The report as a rich Table (skipped systems show n/a; their reasons follow it)."""
+    from rich import box
     from rich.table import Table
 
     settings = report["settings"]
     prompts = len(report["prompts"])
-    table = Table(title=f"streamspec bench: {prompts} prompts, {settings['max_new_tokens']} new tokens at most, "
-                        f"{settings['threads']} threads",
+    table = Table(title=f"streamspec bench: {_plural(prompts, 'prompt')}, {settings['max_new_tokens']} new tokens "
+                        f"at most, {settings['threads']} threads",
                   caption=f"tokens/s: new tokens / wall time of each generate call (prefill included), median of "
-                          f"{settings['repeats']} repeats per prompt, mean over the {prompts} prompts. "
+                          f"{_plural(settings['repeats'], 'repeat')} per prompt, mean over the prompts. "
                           "Tokens per pass (mean accepted length) and passes per token: pooled over prompts, "
                           "prefill included. Peak RSS: growth of this process's resident memory while the system "
-                          f"loaded and ran its warm-up. = {settings['reference']}: prompts whose token ids equal "
-                          f"{settings['reference']} greedy.")
-    table.add_column("system")
-    for header in ("tokens/s", f"× {settings['baseline']}", "tokens/pass", "passes/token", "peak RSS MiB",
-                   f"= {settings['reference']}"):
+                          f"loaded and ran its warm-up. Same ids: prompts whose token ids equal "
+                          f"{settings['reference']} greedy's.", box=box.SIMPLE_HEAD, padding=(0, 1))
+    table.add_column("system", no_wrap=True)
+    for header in ("tokens/s", f"× {settings['baseline']}", "tok/pass", "pass/tok", "peak MiB", "same ids"):
         table.add_column(header, justify="right")
     for row in report["systems"]:
         if row["status"] != "ok":
@@ -695,31 +716,25 @@ def skipped_notes(report: dict[str, Any]) -> list[str]:
     return [f"{row['label']}: {row['note']}" for row in report["systems"] if row["status"] != "ok"]
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def _fmt(value: Optional[float], pattern: str) -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
-class _progress:
-    """A one-line rich progress display on stderr (or nothing)."""
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[..., None]]:
+    """A one-line rich progress display on stderr; yields `show(description, done, total)`."""
+    if not enabled:
+        yield lambda *args: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __enter__(self) -> "_progress":
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-            self._bar.__enter__()
-            self._task = self._bar.add_task("starting", total=None)
-        return self
-
-    def set(self, description: str, completed: Optional[int] = None, total: Optional[int] = None) -> None:
-        if self.enabled:
-            self._bar.update(self._task, description=description, completed=completed, total=total)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self._bar.__exit__(*exc)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+        yield lambda description, done=None, total=None: bar.update(task, description=description,
+                                                                    completed=done, total=total)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from streamspec.tools.bench import SYSTEMS  # stdlib-only at import time, so --help stays fast
 
@@ -25,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "standard-library prompt harvest")
     parser.add_argument("--num-prompts", type=int, default=None, metavar="N",
                         help="use the first N prompts; when omitted, 8 of the harvest or all of a --prompts file")
-    parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="the most tokens each generation makes")
+    parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N",
+                        help="the most tokens each generation makes")
     parser.add_argument("--repeats", type=int, default=3, metavar="N",
                         help="timed runs of every prompt on every system; the median per prompt is reported")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N",
@@ -50,12 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rich.console import Console
 
     from streamspec.errors import StreamspecError
-    from streamspec.models.loading import cache_root
     from streamspec.tools import bench
 
     console = Console()
@@ -73,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
     settings = bench.make_settings(folder, systems, args.threads, args.ignore_eos,
                                    Path(args.hf_model) if args.hf_model else None,
                                    prompt_lookup_tokens=args.prompt_lookup_tokens,
-                                   genai_folder=Path(args.genai_model) if args.genai_model else None,
-                                   cache=cache_root())
+                                   genai_folder=Path(args.genai_model) if args.genai_model else None)
     prompts = bench.load_prompts(Path(args.prompts) if args.prompts else None, args.num_prompts)
     prompt_ids = bench.tokenize_prompts(folder, prompts)
     report = bench.run_bench(settings, prompt_ids, systems, args.max_new_tokens, args.repeats, args.baseline,
@@ -87,10 +85,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_folder(console) -> "Path":
+def _default_folder(console) -> Path:
     """The default model exported once into the cache, where `streamspec demo` keeps it."""
-    from pathlib import Path
-
     from streamspec.exporter import export
     from streamspec.models.loading import cache_root
     from streamspec.tools.commands.demo import default_model_source

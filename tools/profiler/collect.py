@@ -71,7 +71,7 @@ def load_prompts(path: Union[str, Path], chat: bool = False) -> list[Any]:
                 item = json.loads(line)
             except json.JSONDecodeError:
                 raise StreamspecError(f"{path}, line {number}, is not JSON.") from None
-            prompt = item.get("messages") or item.get("prompt") or item.get("text") if isinstance(item, dict) else item
+            prompt = (item.get("messages") or item.get("prompt") or item.get("text")) if isinstance(item, dict) else item
             if not prompt or not isinstance(prompt, (str, list)):
                 raise StreamspecError(f"{path}, line {number}, has no \"messages\", \"prompt\" or \"text\".")
         prompts.append(prompt)
@@ -92,12 +92,12 @@ def run_profile(settings: ProfileSettings, view: Optional[ProfileView] = None) -
     engine = Engine(settings.folder, provider=settings.provider, max_length=settings.max_length,
                     budget=settings.budget, threads=settings.threads)
     device, config = engine.session.device, engine.config
+    probe = MemoryProbe(device)
     view.begin(f"streamspec profile · {Path(settings.folder).name} · {device}", engine.max_length,
-               config.num_streams, engine.budget)
+               config.num_streams, engine.budget, probe.sample)
     prompts = [engine.prompt_ids(p) for p in settings.prompts]
     for prompt in prompts:  # stream() checks its arguments before it runs: bad ones fail before any measurement
         engine.stream(prompt, max_new_tokens=settings.max_new_tokens, ignore_eos=settings.ignore_eos).close()
-    probe = MemoryProbe(device)
 
     view.status("warming up")
     engine.generate(prompts[0], max_new_tokens=min(WARMUP_TOKENS, settings.max_new_tokens), ignore_eos=True)
@@ -106,7 +106,7 @@ def run_profile(settings: ProfileSettings, view: Optional[ProfileView] = None) -
     generations = []
     for index, prompt in enumerate(prompts):
         for speculative in (modes if index % 2 == 0 else modes[::-1]):
-            generations.append(_generate(engine, index, len(prompts), prompt, speculative, settings, view, probe))
+            generations.append(_generate(engine, index, len(prompts), prompt, speculative, settings, view))
 
     view.status("measuring the step-latency curve")
     curve = _curve(engine, generations, settings)
@@ -136,12 +136,12 @@ def run_profile(settings: ProfileSettings, view: Optional[ProfileView] = None) -
 
 
 def _generate(engine, index: int, count: int, prompt: list[int], speculative: bool, settings: ProfileSettings,
-              view: ProfileView, probe: MemoryProbe) -> dict[str, Any]:
+              view: ProfileView) -> dict[str, Any]:
     steps: list = []
 
     def on_step(record) -> None:
         steps.append(record)
-        view.step(record, probe.sample())
+        view.step(record)
 
     view.start_generation("speculative" if speculative else "autoregressive", index, count, len(prompt))
     engine.on_step = on_step

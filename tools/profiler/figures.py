@@ -54,7 +54,8 @@ def summary(generations: list[dict]) -> dict[str, Optional[dict]]:
             out[mode] = None
             continue
         tokens, steps = _sum(gens, "new_tokens"), _sum(gens, "steps")
-        total, decode, prefill = _sum(gens, "total_seconds"), _sum(gens, "decode_seconds"), _sum(gens, "prefill_seconds")
+        total, decode = _sum(gens, "total_seconds"), _sum(gens, "decode_seconds")
+        prefill = _sum(gens, "prefill_seconds")
         accepted = sum(sum(g["per_step"]["accepted"]) for g in gens)
         out[mode] = dict(generations=len(gens), prompt_tokens=_sum(gens, "prompt_tokens"), new_tokens=tokens,
                          steps=steps, forward_passes=steps + len(gens), total_seconds=total,

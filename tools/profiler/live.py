@@ -3,14 +3,15 @@
 `ProfileView` is what the profiler calls; it shows nothing (quiet runs, tests).
 `LiveView` keeps the latest figures and renders them whenever rich's `Live` refreshes
 (from its own thread: state changes are single assignments and list appends, which
-the refresh only reads). Width adapts to the console, so a narrow terminal wraps
-labels instead of breaking the layout.
+the refresh only reads). Memory is read there too, not in the timed steps: on CUDA it
+runs nvidia-smi. Width adapts to the console, so a narrow terminal wraps labels
+instead of breaking the layout.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Callable
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.panel import Panel
@@ -26,8 +27,9 @@ LABEL_WIDTH = 10
 class ProfileView:
     """The profiler's progress reports; this base ignores them."""
 
-    def begin(self, title: str, max_length: int, num_streams: int, budget: int) -> None:
-        pass
+    def begin(self, title: str, max_length: int, num_streams: int, budget: int,
+              memory: Callable[[], dict[str, Any]]) -> None:
+        """memory() returns the latest readings (measure.MemoryProbe.sample)."""
 
     def status(self, text: str) -> None:
         pass
@@ -35,8 +37,8 @@ class ProfileView:
     def start_generation(self, mode: str, prompt: int, prompts: int, prompt_tokens: int) -> None:
         pass
 
-    def step(self, record: Any, memory: dict[str, Any]) -> None:
-        pass
+    def step(self, record: Any) -> None:
+        """record: the engine's StepRecord."""
 
     def end_generation(self, mode: str, tokens_per_second: float) -> None:
         pass
@@ -54,11 +56,13 @@ class LiveView(ProfileView):
         self.tokens, self.tree_nodes, self.cache_rows = 0, 0, 0
         self.started = time.perf_counter()
         self.finished: dict[str, list[float]] = {}  # mode -> tokens/s of finished generations
-        self.memory: dict[str, Any] = {}
+        self.memory: Callable[[], dict[str, Any]] = dict
 
     # -- what the profiler reports
-    def begin(self, title: str, max_length: int, num_streams: int, budget: int) -> None:
+    def begin(self, title: str, max_length: int, num_streams: int, budget: int,
+              memory: Callable[[], dict[str, Any]]) -> None:
         self.title, self.max_length, self.num_streams, self.budget = title, max_length, num_streams, budget
+        self.memory = memory
 
     def status(self, text: str) -> None:
         self.state = text
@@ -70,11 +74,10 @@ class LiveView(ProfileView):
         self.state = "generating"
         self.started = time.perf_counter()
 
-    def step(self, record: Any, memory: dict[str, Any]) -> None:
+    def step(self, record: Any) -> None:
         self.accepted.append(record.accepted)
         self.tokens += record.committed
         self.tree_nodes, self.cache_rows = record.tree_nodes, record.cache_rows
-        self.memory = memory
 
     def end_generation(self, mode: str, tokens_per_second: float) -> None:
         self.finished.setdefault(mode, []).append(tokens_per_second)
@@ -109,7 +112,7 @@ class LiveView(ProfileView):
         yield Panel(grid, title=self.title, title_align="left", border_style="blue")
 
     def _memory_text(self) -> str:
-        memory = self.memory
+        memory = self.memory()
         parts = []
         if memory.get("host_rss_bytes"):
             parts.append(f"RSS {format_bytes(memory['host_rss_bytes'])}")

@@ -3,6 +3,37 @@
 Rendering reads only the report's JSON data, so `streamspec report` shows a report
 taken on another machine (a Jetson board) exactly as `streamspec profile` did there.
 Sections missing from a report (an older or partial one) are skipped, not errors.
+
+The JSON (format "streamspec-profile", version 1); times in seconds unless named _ms:
+  system         platform, cpu, cpu_count, onnxruntime, available_providers, device, device_name
+  model          name, folder, family, num_layers, dtype, backend, num_streams, num_msa_layers,
+                 candidates, max_length, budget, compaction, weight_bytes
+  settings       prompts, max_new_tokens, compare_ar, ignore_eos, provider, threads, curve_repeats
+  summary        per mode (speculative | autoregressive, null when not run): new_tokens, steps,
+                 forward_passes, total/prefill/decode seconds, tokens_per_second,
+                 decode_tokens_per_second, mean_accepted_length, mean_tree_nodes
+  time_split     per mode: total_seconds, accounted_seconds, steps, prefills, phases
+                 {prefill, tree, copy_in, run, copy_out, accept, compaction, other:
+                 {seconds, share, ms_per_step}} (figures.py defines the phases)
+  ort_profile    available (+ reason), steps, run_ms_per_step, kernel_ms_per_step,
+                 operators [{op, provider, calls_per_step, ms_per_step, share}], other_*
+  acceptance     null without speculation; steps, histogram [{accepted, steps, share}],
+                 by_depth [{depth, attempts, accepted, rate, reached}], zero_share,
+                 mean_accepted_length, new_tokens = prefill_tokens + accepted_drafts +
+                 corrections - trimmed, tree sizes (after pruning: null until pruning exists)
+  latency_curve  past_length, speculative, budget_nodes, rows_per_node, autoregressive_ms,
+                 points [{nodes, rows, drafting, median_ms, min_ms, repeats}]
+  roofline       weight_bytes, bandwidth {bytes_per_second | null, method, buffer_bytes},
+                 ceiling_tokens_per_second, modes {mode: {source, forward_passes_per_second,
+                 tokens_per_second, weight_bytes_per_second, fraction_of_bandwidth,
+                 tokens_over_ceiling}}
+  compare_ar     null unless both modes ran; speedup, decode_speedup, forward_pass_ratio,
+                 all_same_tokens, per_prompt [...]
+  memory         host_rss_bytes, host_peak_rss_bytes, device_used_bytes, device_method,
+                 kv_cache_bytes, peak_cache_rows, max_length, peak_cache_fill
+  generations    one per generation: the engine's statistics, mode, prompt, output_tokens,
+                 per_step {accepted, committed, tree_nodes, tree_nodes_after_pruning,
+                 tree_depth, cache_rows, seconds {phase: [...]}}
 """
 
 from __future__ import annotations
@@ -13,6 +44,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -148,13 +180,16 @@ def render(report: dict[str, Any], width: int = 100) -> RenderableType:
 
 def _header(report: dict) -> RenderableType:
     model, system, settings = report.get("model", {}), report.get("system", {}), report.get("settings", {})
+    model, system = ({k: escape(v) if isinstance(v, str) else v for k, v in d.items()} for d in (model, system))
     streams = (f"{model.get('num_streams')} streams in {model.get('num_msa_layers')} MSA layers, "
                f"tree budget {model.get('budget')}" if model.get("num_streams") else "no streams (plain base model)")
     lines = [
-        f"[bold]{model.get('name', '?')}[/] · {model.get('family', '?')}, {model.get('num_layers', '?')} layers, "
+        f"[bold]{model.get('name', '?')}[/]" + (f" (exported from {model['source']})" if model.get("source") else "")
+        + f" · {model.get('family', '?')}, {model.get('num_layers', '?')} layers, "
         f"{model.get('dtype', '?')}, {model.get('backend', '?')} attention · {streams}",
-        f"{system.get('device', '?')}: {system.get('device_name', '?')} · {system.get('cpu_count', '?')} CPU threads · "
-        f"onnxruntime {system.get('onnxruntime', '?')} · {system.get('platform', '')}",
+        f"{system.get('device', '?')}: {system.get('device_name', '?')} · {system.get('cpu_count', '?')} CPUs "
+        f"(ORT threads: {settings.get('threads') or 'default'}) · onnxruntime "
+        f"{system.get('onnxruntime', '?')} · {system.get('platform', '')}",
         f"{settings.get('prompts', '?')} prompt(s) × up to {settings.get('max_new_tokens', '?')} new tokens, greedy"
         f"{', EOS ignored' if settings.get('ignore_eos') else ''} · {report.get('created', '')}",
     ]
