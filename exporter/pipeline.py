@@ -293,6 +293,9 @@ def _check_options(model: Transformer, tokenizer_dir: Path, out_dir: Path, dtype
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; the folder is meant to be shared
     old = None
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

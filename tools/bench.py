@@ -210,6 +210,10 @@ class Adapter:
     def unavailable(self) -> Optional[str]:
         return None
 
+    def caveat(self) -> Optional[str]:
+        """A remark the report should carry next to this system's figures."""
+        return None
+
     def prepare(self) -> None:
         pass
 
@@ -385,21 +389,30 @@ class GenaiAdapter(Adapter):
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
             raise StreamspecError(f"onnxruntime-genai's model builder failed ({last}).")
 
+    def caveat(self) -> Optional[str]:
+        if self.settings.ignore_eos:
+            return ("genai cannot generate past an end-of-sequence token, so with --ignore-eos it forbids them "
+                    "(min_length) and its ids may differ from the first one on")
+        return None
+
     def load(self) -> None:
         import onnxruntime_genai as og
 
         config = og.Config(str(self.model_folder))
-        # The same threads and the same end-of-sequence ids as every other system.
+        # The same threads and end-of-sequence ids as every other system. (genai checks
+        # that ids lie in the vocabulary and ignores an empty list, so --ignore-eos keeps
+        # the folder's ids and forbids them in `generate` instead.)
         config.overlay(json.dumps({"model": {
-            "eos_token_id": self.settings.stop_ids or [self.settings.vocab_size],
+            "eos_token_id": self.settings.eos_token_ids,
             "decoder": {"session_options": {"intra_op_num_threads": self.settings.threads}}}}))
         self.og, self.model = og, og.Model(config)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
         params = self.og.GeneratorParams(self.model)
         # Plain greedy whatever genai_config.json's search section says (as use_model_defaults=False above).
-        params.set_search_options(do_sample=False, num_beams=1, repetition_penalty=1.0, min_length=0,
-                                  max_length=len(prompt_ids) + max_new_tokens)
+        length = len(prompt_ids) + max_new_tokens
+        params.set_search_options(do_sample=False, num_beams=1, repetition_penalty=1.0, max_length=length,
+                                  min_length=length if self.settings.ignore_eos else 0)
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(prompt_ids)
         new: list[int] = []
@@ -609,7 +622,8 @@ def build_report(settings: BenchSettings, prompt_ids: list[list[int]], states: l
     rows = []
     for state in states:
         row: dict[str, Any] = {"system": state.adapter.name, "label": state.adapter.label,
-                               "status": "ok" if state.runs else "skipped", "note": state.note}
+                               "status": "ok" if state.runs else "skipped",
+                               "note": state.note if not state.runs else state.adapter.caveat()}
         if state.runs:
             row.update(_summary(state, reference_ids))
         rows.append(row)
@@ -712,8 +726,9 @@ def render_table(report: dict[str, Any]):
     return table
 
 
-def skipped_notes(report: dict[str, Any]) -> list[str]:
-    return [f"{row['label']}: {row['note']}" for row in report["systems"] if row["status"] != "ok"]
+def row_notes(report: dict[str, Any]) -> list[str]:
+    """Why systems were skipped, and remarks on those that ran."""
+    return [f"{row['label']}: {row['note']}" for row in report["systems"] if row["note"]]
 
 
 def _plural(count: int, noun: str) -> str:

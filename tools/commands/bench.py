@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     report = bench.run_bench(settings, prompt_ids, systems, args.max_new_tokens, args.repeats, args.baseline,
                              progress=not args.no_progress, prompt_names=[p.id for p in prompts])
     console.print(bench.render_table(report))
-    for line in settings.notes + bench.skipped_notes(report):
+    for line in settings.notes + bench.row_notes(report):
         console.print(f"[yellow]note[/]: {line}")
     bench.write_report(report, Path(args.json))
     console.print(f"[dim]report written to {args.json}[/]")
