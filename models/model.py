@@ -108,7 +108,7 @@ class Attention(nn.Module):
         k = self.k(x, adapted_from).view(b, r, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x, adapted_from).view(b, r, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
-            cos, sin = rope  # [B, 1, R, D]
+            cos, sin = (t.to(q.dtype) for t in rope)  # [B, 1, R, D]; float32 -> the model's dtype
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
         out = attention(layer, q, k, v, self.scale)

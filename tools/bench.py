@@ -704,15 +704,15 @@ def render_table(report: dict[str, Any]):
     prompts = len(report["prompts"])
     table = Table(title=f"streamspec bench: {_plural(prompts, 'prompt')}, {settings['max_new_tokens']} new tokens "
                         f"at most, {settings['threads']} threads",
-                  caption=f"tokens/s: new tokens / wall time of each generate call (prefill included), median of "
+                  caption=f"tok/s: new tokens / wall time of each generate call (prefill included), median of "
                           f"{_plural(settings['repeats'], 'repeat')} per prompt, mean over the prompts. "
-                          "Tokens per pass (mean accepted length) and passes per token: pooled over prompts, "
-                          "prefill included. Peak RSS: growth of this process's resident memory while the system "
-                          f"loaded and ran its warm-up. Same ids: prompts whose token ids equal "
-                          f"{settings['reference']} greedy's.", box=box.SIMPLE_HEAD, padding=(0, 1))
+                          f"×{settings['baseline']}: tok/s ratio. tok/pass (mean accepted length) and pass/tok: "
+                          "pooled over prompts, prefill included. Peak MiB: growth of this process's resident memory "
+                          "while the system loaded and ran its warm-up. Same ids: prompts whose token ids equal "
+                          f"{settings['reference']} greedy's.", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
     table.add_column("system", no_wrap=True)
-    for header in ("tokens/s", f"× {settings['baseline']}", "tok/pass", "pass/tok", "peak MiB", "same ids"):
-        table.add_column(header, justify="right")
+    for header in ("tok/s", f"×{settings['baseline']}", "tok/pass", "pass/tok", "peak MiB", "same ids"):
+        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
     for row in report["systems"]:
         if row["status"] != "ok":
             table.add_row(row["label"], *(["[dim]n/a[/]"] * 6))

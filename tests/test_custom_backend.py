@@ -1,0 +1,139 @@
+"""The `custom` attention backend (streamspec.TreeAttention) end to end on CPU:
+export, the runtime's automatic registration of the op library, and greedy output
+equal to the `portable` backend and to transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import save_tiny_model
+from helpers import assert_tokens_match
+from streamspec import custom_ops
+from streamspec.errors import StreamspecError
+from streamspec.runtime import Engine
+from test_engine import PROMPTS, hf_greedy
+from test_export import export_tiny, msa_model
+
+
+@pytest.fixture(scope="session")
+def custom_library() -> Path:
+    """The CPU TreeAttention library (cached: rebuilt only when the kernels change)."""
+    if not shutil.which("cmake"):
+        pytest.skip("cmake is not installed, the TreeAttention library cannot be built")
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        pytest.skip("no C++ compiler (g++) is installed, the TreeAttention library cannot be built")
+    return custom_ops.build()
+
+
+@pytest.fixture(scope="module")
+def backends(custom_library, tmp_path_factory) -> dict[str, Path]:
+    """HF folder and the same MSA model exported with each backend."""
+    root = tmp_path_factory.mktemp("backends")
+    # Sharpened weights: greedy text varies instead of repeating one token, so that
+    # drafts, acceptance and compaction see different trees at every step.
+    hf = save_tiny_model("llama", root / "hf", seed=1, sharpen=3.0)
+    model = msa_model(hf, num_streams=3)
+    folders = {"hf": hf}
+    for backend in ("portable", "custom"):
+        folders[backend] = export_tiny(model, hf, root / backend, backend=backend)
+    return folders
+
+
+def test_custom_folder_names_the_op(backends):
+    import json
+
+    config = json.loads((backends["custom"] / "streamspec.json").read_text())
+    assert config["attention"] == {"backend": "custom", "op": "streamspec.TreeAttention", "stream_nodes": "all"}
+
+
+@pytest.mark.parametrize("compaction", ["host", "graph"])
+def test_custom_greedy_equals_portable_and_transformers(backends, compaction):
+    custom = Engine(backends["custom"], provider="cpu", compaction=compaction, budget=6)
+    portable = Engine(backends["portable"], provider="cpu", compaction=compaction, budget=6)
+    for prompt in PROMPTS:
+        reference, logits = hf_greedy(backends["hf"], prompt, 40)
+        for speculative in (False, True):
+            ours = custom.generate(prompt, max_new_tokens=40, speculative=speculative, ignore_eos=True)
+            theirs = portable.generate(prompt, max_new_tokens=40, speculative=speculative, ignore_eos=True)
+            assert_tokens_match(ours.token_ids, reference, logits)
+            assert_tokens_match(ours.token_ids, theirs.token_ids, logits)
+            assert ours.stats.steps == theirs.stats.steps  # same drafts, same acceptance
+
+
+def test_custom_step_outputs_equal_portable(backends):
+    """One tree step on both backends: same top-K, same draft, probabilities within rounding."""
+    prompt, n = np.array([5, 40, 41, 42, 9, 77, 12, 13]), 8
+    # A branching tree after the prompt: root 0, children 1 and 2, 3 under 2, 4 under 1.
+    tree, parents = np.array([30, 31, 44, 45, 32]), np.array([-1, 0, 0, 2, 1], dtype=np.int32)
+    outs = {}
+    for backend in ("portable", "custom"):
+        session = Engine(backends[backend], provider="cpu").session
+        session.run(_feeds(prompt, np.arange(-1, n - 1, dtype=np.int32), 0))
+        outs[backend] = session.run(_feeds(tree, parents, n))
+    a, b = outs["portable"], outs["custom"]
+    np.testing.assert_array_equal(a["main_ids"], b["main_ids"])
+    np.testing.assert_allclose(a["main_probs"], b["main_probs"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(a["draft_node"], b["draft_node"])
+    np.testing.assert_array_equal(a["stream_ids"], b["stream_ids"])
+    np.testing.assert_allclose(a["stream_probs"], b["stream_probs"], rtol=1e-4, atol=1e-6)
+
+
+def _feeds(tokens: np.ndarray, parents: np.ndarray, past: int) -> dict[str, np.ndarray]:
+    """Greedy feeds for a tree with streams for all nodes and outputs for all nodes."""
+    n = len(tokens)
+    mask = np.eye(n, dtype=bool)
+    depth = np.zeros(n, dtype=np.int64)
+    for i in range(1, n):
+        mask[i] |= mask[parents[i]]
+        depth[i] = depth[parents[i]] + 1
+    nodes = np.arange(n, dtype=np.int64)
+    empty = np.zeros(0, dtype=np.int64)
+    return dict(input_ids=tokens.astype(np.int64), positions=past + depth, tree_mask=mask, tree_parent=parents,
+                past_length=np.array([past], dtype=np.int64), compact_src=empty, stream_nodes=nodes,
+                output_nodes=nodes, sample_rows=empty, exit_nodes=empty, temperature=np.ones(1, np.float32),
+                top_k=np.zeros(1, np.int64), top_p=np.ones(1, np.float32), uniform=np.zeros(0, np.float32))
+
+
+def test_missing_library_is_one_sentence(backends, monkeypatch, tmp_path):
+    monkeypatch.setenv("STREAMSPEC_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(StreamspecError, match="streamspec build-ops"):
+        Engine(backends["custom"], provider="cpu")
+
+
+def test_custom_compaction_with_long_accepted_paths(backends, monkeypatch):
+    """Oracle trees (the true continuation off the first branch) make long accepted
+    paths with path[i] != i, so the op's compaction moves rows every step."""
+    from streamspec.runtime import engine as engine_module
+    from streamspec.runtime.tree import Tree
+
+    prompt = PROMPTS[0]
+    reference, logits = hf_greedy(backends["hf"], prompt, 30)
+    produced = {"n": 0}
+
+    def oracle_tree(root, stream_ids, stream_probs, budget):
+        # root -> a wrong child (node 1), and the right chain of 3 under the root at nodes 2..4.
+        start = produced["n"]
+        right = reference[start:start + 3] or [0]
+        tokens = [root, (right[0] + 1) % 128] + right
+        parents = [-1, 0, 0] + list(range(2, 2 + len(right) - 1))
+        depths = [0, 1] + list(range(1, len(right) + 1))
+        return Tree(np.array(tokens, np.int64), np.array(parents, np.int32), np.array(depths, np.int32),
+                    np.ones(len(tokens), np.float32))
+
+    monkeypatch.setattr(engine_module, "build_tree", oracle_tree)
+    for compaction in ("host", "graph"):
+        engine = Engine(backends["custom"], provider="cpu", compaction=compaction)
+        produced["n"] = 0
+        pieces: list[int] = []
+        stats = engine_module.GenerationStats()
+        for ids in engine._tokens(engine.prompt_ids(prompt), 30, engine_module.SamplingParams(), True, True, stats):
+            pieces += ids
+            produced["n"] = len(pieces)
+        assert_tokens_match(pieces, reference, logits)
+        assert len(pieces) == 30 and max(stats.accepted) >= 2

@@ -1,0 +1,179 @@
+"""Per-step latency of the two attention backends, `custom` (streamspec.TreeAttention)
+against `portable` (GroupQueryAttention + tree bias), on CPU.
+
+    python -m streamspec.tools.bench_attention                 # SmolLM2 with 3 streams
+    python -m streamspec.tools.bench_attention --model tiny    # a quick check
+
+The model is exported once per backend into <cache>/bench/attention/ (the weights are
+the base model's plus randomly initialised stream adapters: latency does not depend on
+their values). One step = one `StepSession.run` of a random tree of T nodes, every node
+with its γ stream rows and its outputs (what the engine runs while drafting), over a
+cache of P committed rows. Both backends are loaded side by side; after a warm-up each
+repeat runs them in turn, alternating which goes first, so that drifting machine load
+hits both alike; the median of the repeats is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+BACKENDS = ("portable", "custom")
+TREE_SIZES = (1, 8, 16, 32, 64)
+PAST_LENGTHS = (128, 1024, 4096)
+NUM_STREAMS = 3
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m streamspec.tools.bench_attention", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
+                        help="smollm2: the embedded SmolLM2-135M; tiny: a 4-layer random model (quick check)")
+    parser.add_argument("--trees", type=int, nargs="+", default=list(TREE_SIZES), metavar="T")
+    parser.add_argument("--pasts", type=int, nargs="+", default=list(PAST_LENGTHS), metavar="P")
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps per backend and configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per backend and configuration")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
+    parser.add_argument("--json", default="bench_attention.json", help="where to write the JSON report")
+    parser.add_argument("--force-export", action="store_true", help="export again even when cached")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------ folders
+def _tiny_base(root: Path) -> Path:
+    """A 4-layer random Llama with SmolLM2's tokenizer (the exporter needs a real one)."""
+    import shutil
+
+    import transformers
+
+    from streamspec.models.loading import resolve_base
+
+    folder = root / "tiny-base"
+    if (folder / "config.json").is_file():
+        return folder
+    smollm2 = resolve_base("default", progress=False)
+    config = transformers.LlamaConfig(vocab_size=transformers.AutoConfig.from_pretrained(str(smollm2)).vocab_size,
+                                      hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                                      tie_word_embeddings=True)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (smollm2 / name).is_file() and not (folder / name).is_file():
+            shutil.copy(smollm2 / name, folder / name)
+    return folder
+
+
+def export_folders(model_name: str, max_length: int, force: bool) -> dict[str, Path]:
+    """backend -> deployable folder of the same MSA model, exported once into the cache."""
+    import torch
+
+    from streamspec.exporter import export_model
+    from streamspec.models.config import StreamConfig
+    from streamspec.models.loading import cache_root, resolve_base
+    from streamspec.models.model import build_model
+
+    root = cache_root() / "bench" / "attention"
+    base = _tiny_base(root) if model_name == "tiny" else resolve_base("default", progress=False)
+    folders = {b: root / f"{model_name}-{b}-{max_length}" for b in BACKENDS}
+    missing = [b for b, folder in folders.items() if force or not (folder / "streamspec.json").is_file()]
+    if missing:
+        layers = 2 if model_name == "tiny" else StreamConfig().num_msa_layers
+        model = build_model(base, StreamConfig(num_streams=NUM_STREAMS, num_msa_layers=layers))
+        torch.manual_seed(0)  # adapters away from zero, as after training
+        with torch.no_grad():
+            for param in model.trainable_parameters().values():
+                param.normal_(0.0, 0.02)
+        for backend in missing:
+            export_model(model.eval(), base, folders[backend], backend=backend, max_length=max_length, force=True,
+                         source={"kind": "base", "name": f"{model_name} (bench-attention)"}, base_dir=base)
+    return folders
+
+
+# ------------------------------------------------------------------------------ timing
+def tree_feeds(rng: np.random.Generator, nodes: int, past: int, vocab: int) -> dict[str, np.ndarray]:
+    """Greedy feeds for a random tree of `nodes` nodes after `past` committed rows."""
+    parents = np.array([-1] + [int(rng.integers(0, i)) for i in range(1, nodes)], dtype=np.int32)
+    mask = np.eye(nodes, dtype=bool)
+    depth = np.zeros(nodes, dtype=np.int64)
+    for i in range(1, nodes):  # parents come first, so their rows are complete
+        mask[i] |= mask[parents[i]]
+        depth[i] = depth[parents[i]] + 1
+    all_nodes, none = np.arange(nodes, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return dict(input_ids=rng.integers(0, vocab, nodes).astype(np.int64), positions=past + depth, tree_mask=mask,
+                tree_parent=parents, past_length=np.array([past], dtype=np.int64), compact_src=none,
+                stream_nodes=all_nodes, output_nodes=all_nodes, sample_rows=none, exit_nodes=none,
+                temperature=np.ones(1, np.float32), top_k=np.zeros(1, np.int64), top_p=np.ones(1, np.float32),
+                uniform=np.zeros(0, np.float32))
+
+
+def measure(sessions: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int, repeats: int) -> dict[str, float]:
+    """Median step milliseconds per backend, the backends interleaved."""
+    for session in sessions.values():
+        for _ in range(warmup):
+            session.run(feeds)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    order = list(sessions)
+    for repeat in range(repeats):
+        for name in (order if repeat % 2 == 0 else order[::-1]):
+            start = time.perf_counter()
+            sessions[name].run(feeds)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import onnxruntime as ort
+    from rich.console import Console
+    from rich.table import Table
+
+    from streamspec import custom_ops
+    from streamspec.runtime.folder import read_folder
+    from streamspec.runtime.session import StepSession
+
+    args = parse_args(argv)
+    console = Console()
+    # Room for the largest tree's main and stream rows after the longest past.
+    needed = max(args.pasts) + max(args.trees) * (1 + NUM_STREAMS)
+    max_length = -(-needed // 256) * 256
+    custom_ops.build()  # cached: a no-op unless the kernels changed
+    with console.status(f"Exporting {args.model} with both backends (once, cached)"):
+        folders = export_folders(args.model, max_length, args.force_export)
+    sessions = {b: StepSession(read_folder(folders[b]), "cpu", max_length, args.threads) for b in BACKENDS}
+    vocab = read_folder(folders["custom"]).vocab_size
+    rng = np.random.default_rng(0)
+    rows = []
+    for past in args.pasts:
+        for nodes in args.trees:
+            with console.status(f"past {past}, tree {nodes}"):
+                ms = measure(sessions, tree_feeds(rng, nodes, past, vocab), args.warmup, args.repeats)
+            rows.append({"past_length": past, "tree_size": nodes, "portable_ms": ms["portable"],
+                         "custom_ms": ms["custom"], "speedup": ms["portable"] / ms["custom"]})
+            console.log(f"past {past:5d} tree {nodes:3d}: portable {ms['portable']:.2f} ms, "
+                        f"custom {ms['custom']:.2f} ms")
+
+    table = Table(title=f"Step latency on CPU, {args.model}, γ={NUM_STREAMS} (median of {args.repeats}, ms)")
+    for column in ("past", "tree", "portable", "custom", "custom speedup"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row["past_length"]), str(row["tree_size"]), f"{row['portable_ms']:.2f}",
+                      f"{row['custom_ms']:.2f}", f"{row['speedup']:.2f}x")
+    console.print(table)
+    report = {"model": args.model, "num_streams": NUM_STREAMS, "repeats": args.repeats, "warmup": args.warmup,
+              "threads": args.threads, "onnxruntime": ort.__version__, "machine": platform.machine(),
+              "cpu_count": os.cpu_count(), "folders": {b: str(f) for b, f in folders.items()}, "results": rows}
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    console.print(f"Wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
