@@ -105,7 +105,7 @@ def test_oracle_drafts_are_accepted_and_compacted(engines, monkeypatch):
     def oracle_tree(root, stream_ids, stream_probs, budget):
         # root -> wrong child (node 1), and the right chain of 3 under the root at nodes 2..4.
         start = produced["n"]
-        right = reference[start + 1:start + 4] or [0]
+        right = reference[start:start + 3] or [0]
         tokens = [root, (right[0] + 1) % 128] + right
         parents = [-1, 0, 0] + list(range(2, 2 + len(right) - 1))
         depths = [0, 1] + list(range(1, len(right) + 1))
