@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rich.console import Console
+    from rich.markup import escape
 
     from streamspec.exporter import export
     from streamspec.models.loading import cache_root
@@ -48,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
         export(source, out, force=True)
     engine = Engine(out, threads=args.threads)
     messages = [{"role": "user", "content": args.prompt}]
-    console.print(f"[bold]Prompt:[/] {args.prompt}\n")
+    if not engine.can_speculate:
+        console.print("[yellow]No trained default model in models/default yet (see models/default/recipe.sh):"
+                      " running the plain base model, so both modes decode autoregressively.[/]")
+    console.print("[bold]Prompt:[/] " + escape(args.prompt) + "\n")
     for piece in engine.stream(messages, max_new_tokens=args.max_new_tokens):
         console.out(piece, end="", highlight=False)
     console.print("\n")
