@@ -42,3 +42,32 @@ def assert_tokens_match(tokens: Sequence[int], reference: Sequence[int],
     assert gap < NEAR_TIE and {tokens[i], reference[i]} <= set(top2.tolist()), (
         f"token {i} differs ({tokens[i]} vs reference {reference[i]}) and is no near-tie: "
         f"top-2 logits {logits[top2].tolist()} (relative gap {gap:.2e})")
+
+
+def generate_with_oracle_trees(engine, prompt_ids: list[int], reference: Sequence[int],
+                               max_new_tokens: int, monkeypatch) -> tuple[list[int], object]:
+    """Greedy speculative generation whose trees hold the true continuation off the first branch.
+
+    Each tree is root -> a wrong child (node 1), plus the next 3 reference tokens as a
+    chain under the root at nodes 2..4, so accepted paths are long and path[i] != i: KV
+    compaction moves rows every step. Returns (generated tokens, GenerationStats).
+    """
+    from streamspec.runtime import engine as engine_module
+    from streamspec.runtime.tree import Tree
+
+    produced: list[int] = []
+
+    def oracle_tree(root, stream_ids, stream_probs, budget):
+        start = len(produced)
+        right = list(reference[start:start + 3]) or [0]
+        tokens = [root, (right[0] + 1) % 128] + right
+        parents = [-1, 0, 0] + list(range(2, 2 + len(right) - 1))
+        depths = [0, 1] + list(range(1, len(right) + 1))
+        return Tree(np.array(tokens, np.int64), np.array(parents, np.int32), np.array(depths, np.int32),
+                    np.ones(len(tokens), np.float32))
+
+    monkeypatch.setattr(engine_module, "build_tree", oracle_tree)
+    stats = engine_module.GenerationStats()
+    for ids in engine._tokens(prompt_ids, max_new_tokens, engine_module.SamplingParams(), True, True, stats):
+        produced += ids
+    return produced, stats

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import save_tiny_model
-from helpers import assert_tokens_match
+from helpers import assert_tokens_match, generate_with_oracle_trees
 from streamspec import custom_ops
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
@@ -109,31 +109,10 @@ def test_missing_library_is_one_sentence(backends, monkeypatch, tmp_path):
 def test_custom_compaction_with_long_accepted_paths(backends, monkeypatch):
     """Oracle trees (the true continuation off the first branch) make long accepted
     paths with path[i] != i, so the op's compaction moves rows every step."""
-    from streamspec.runtime import engine as engine_module
-    from streamspec.runtime.tree import Tree
-
     prompt = PROMPTS[0]
     reference, logits = hf_greedy(backends["hf"], prompt, 30)
-    produced = {"n": 0}
-
-    def oracle_tree(root, stream_ids, stream_probs, budget):
-        # root -> a wrong child (node 1), and the right chain of 3 under the root at nodes 2..4.
-        start = produced["n"]
-        right = reference[start:start + 3] or [0]
-        tokens = [root, (right[0] + 1) % 128] + right
-        parents = [-1, 0, 0] + list(range(2, 2 + len(right) - 1))
-        depths = [0, 1] + list(range(1, len(right) + 1))
-        return Tree(np.array(tokens, np.int64), np.array(parents, np.int32), np.array(depths, np.int32),
-                    np.ones(len(tokens), np.float32))
-
-    monkeypatch.setattr(engine_module, "build_tree", oracle_tree)
     for compaction in ("host", "graph"):
         engine = Engine(backends["custom"], provider="cpu", compaction=compaction)
-        produced["n"] = 0
-        pieces: list[int] = []
-        stats = engine_module.GenerationStats()
-        for ids in engine._tokens(engine.prompt_ids(prompt), 30, engine_module.SamplingParams(), True, True, stats):
-            pieces += ids
-            produced["n"] = len(pieces)
+        pieces, stats = generate_with_oracle_trees(engine, engine.prompt_ids(prompt), reference, 30, monkeypatch)
         assert_tokens_match(pieces, reference, logits)
         assert len(pieces) == 30 and max(stats.accepted) >= 2

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_tokens_match
+from helpers import assert_tokens_match, generate_with_oracle_trees
 from streamspec.errors import StreamspecError
 from streamspec.models.config import ModelConfig, StreamConfig
 from streamspec.models.model import Transformer, build_model
@@ -94,33 +94,12 @@ def test_plain_base_model_generates_like_transformers(tiny_model_dir, tmp_path):
 def test_oracle_drafts_are_accepted_and_compacted(engines, monkeypatch):
     """Trees that hold the true continuation off the first branch: long accepted paths
     with path[i] != i, so compaction moves rows every step; the output must not change."""
-    from streamspec.runtime import engine as engine_module
-    from streamspec.runtime.tree import Tree
-
     hf_folder, folder = engines["llama"]
     prompt = PROMPTS[0]
     reference, logits = hf_greedy(hf_folder, prompt, 30)
-    produced = {"n": 0}
-
-    def oracle_tree(root, stream_ids, stream_probs, budget):
-        # root -> wrong child (node 1), and the right chain of 3 under the root at nodes 2..4.
-        start = produced["n"]
-        right = reference[start:start + 3] or [0]
-        tokens = [root, (right[0] + 1) % 128] + right
-        parents = [-1, 0, 0] + list(range(2, 2 + len(right) - 1))
-        depths = [0, 1] + list(range(1, len(right) + 1))
-        return Tree(np.array(tokens, np.int64), np.array(parents, np.int32), np.array(depths, np.int32),
-                    np.ones(len(tokens), np.float32))
-
-    monkeypatch.setattr(engine_module, "build_tree", oracle_tree)
     for compaction in ("host", "graph"):
         engine = Engine(folder, provider="cpu", compaction=compaction)
-        produced["n"] = 0
-        pieces = []
-        for ids in engine._tokens(engine.prompt_ids(prompt), 30,
-                                  engine_module.SamplingParams(), True, True, engine_module.GenerationStats()):
-            pieces += ids
-            produced["n"] = len(pieces)
+        pieces, _ = generate_with_oracle_trees(engine, engine.prompt_ids(prompt), reference, 30, monkeypatch)
         assert_tokens_match(pieces, reference, logits)
         assert len(pieces) == 30
 
