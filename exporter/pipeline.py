@@ -39,10 +39,20 @@ EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data
 TRACE_CACHE_LENGTH = 64  # the cache length is a dynamic dimension; any value traces
 
 
-def export(spec: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], **options: Any) -> Path:
+def export(spec: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], streams: Optional[int] = None,
+           **options: Any) -> Path:
     """Export a streamspec checkpoint folder, or a base model ("default", a Hugging Face
-    folder or a .gguf file) for autoregressive use. Options: see `export_model`."""
+    folder or a .gguf file) for autoregressive use. streams: deploy only the first n of
+    the trained streams (fewer rows per tree node; exact, see `Transformer.keep_streams`).
+    Other options: see `export_model`."""
     model, tokenizer_dir, base_dir, source = load_source(spec)
+    if streams is not None:
+        if not model.num_streams:
+            raise StreamspecError(f"{spec} has no streams, so --streams does not apply.")
+        if not 1 <= streams <= model.num_streams:
+            raise StreamspecError(f"--streams must be between 1 and the {model.num_streams} trained streams, "
+                                  f"got {streams}.")
+        model.keep_streams(streams)
     return export_model(model, tokenizer_dir, out_dir, source=source, base_dir=base_dir, **options)
 
 

@@ -16,6 +16,7 @@ stream rows only, so the main rows compute exactly the base model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -221,6 +222,13 @@ class Transformer(nn.Module):
     def msa_start(self) -> int:
         """Index of the first MSA layer (num_layers when the model has no streams)."""
         return self.config.num_layers - (self.streams.num_msa_layers if self.streams else 0)
+
+    def keep_streams(self, count: int) -> None:
+        """Keep only streams 1..count. Exact: stream j attends to main rows and to streams
+        1..j of its own row, never to later streams, so the kept streams compute what they
+        computed before; fewer stream rows make a tree step cheaper on compute-bound devices."""
+        self.stream_embed = nn.Parameter(self.stream_embed.data[:count].clone(), requires_grad=False)
+        self.streams = dataclasses.replace(self.streams, num_streams=count)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """What Speculative Streaming adds: stream embeddings, LoRA and exit adapters."""

@@ -7,15 +7,22 @@ A tree holds N nodes, flattened so that ancestors come before descendants:
                not yet in the KV cache)
   node i > 0   a drafted token; depth d means "d tokens after the root"
 Its rows in a step sit at positions past + depth.
+
+Draft nodes come from two sources: the streams (`build_tree`) and prompt lookup
+(`lookup_draft` + `add_branch`: the tokens that followed an earlier occurrence of the
+latest n-gram, copied at no parameter cost). `Tree.sources` says which made each node.
 """
 
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+
+STREAM, LOOKUP = 0, 1  # Tree.sources values (the root counts as STREAM)
 
 
 @dataclass
@@ -24,6 +31,7 @@ class Tree:
     parents: np.ndarray  # [N] int32, -1 for the root
     depths: np.ndarray  # [N] int32
     path_probs: np.ndarray  # [N] float32: product of stream probabilities from the root
+    sources: Optional[np.ndarray] = None  # [N] int8: STREAM or LOOKUP (None: all streams)
 
     @property
     def size(self) -> int:
@@ -39,6 +47,9 @@ class Tree:
 
     def positions(self, past_length: int) -> np.ndarray:
         return (past_length + self.depths).astype(np.int64)
+
+    def source_of(self, node: int) -> int:
+        return STREAM if self.sources is None else int(self.sources[node])
 
 
 def single_node_tree(token: int) -> Tree:
@@ -109,3 +120,53 @@ def accept(tree: Tree, choose: Callable[[int], int]) -> tuple[list[int], int]:
         if child is None:
             return path, token
         path.append(child)
+
+
+def lookup_draft(history: Sequence[int], length: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Prompt lookup: the `length` tokens that followed the most recent earlier
+    occurrence of the longest suffix n-gram of `history` (max_ngram down to min_ngram),
+    or [] when none occurs. `history` is the prompt plus everything committed so far,
+    ending with the root token, so the result continues the root."""
+    if length < 1:
+        return []
+    tokens = np.asarray(history, dtype=np.int64)
+    n = len(tokens)
+    for size in range(min(max_ngram, n - 1), min_ngram - 1, -1):
+        suffix = tokens[n - size:]
+        # Windows starting at 0 .. n - size - 1 (the suffix itself is excluded); latest first.
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:n - 1], size)
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + size
+            return tokens[start:start + length].tolist()
+    return []
+
+
+def add_branch(tree: Tree, tokens: Sequence[int], source: int = LOOKUP) -> Tree:
+    """`tree` with the chain `tokens` under its root, merged where a path already holds
+    the same tokens (those nodes keep their source); new nodes are appended, so
+    ancestors still come before descendants."""
+    children: dict[tuple[int, int], int] = {}
+    for node in range(1, tree.size):
+        children[(int(tree.parents[node]), int(tree.tokens[node]))] = node
+    new_tokens, parents, depths = [], [], []
+    node, next_index = 0, tree.size
+    for depth, token in enumerate(tokens, start=1):  # the chain descends one level per token
+        token = int(token)
+        child = children.get((node, token))
+        if child is None:
+            child = next_index
+            next_index += 1
+            children[(node, token)] = child
+            new_tokens.append(token)
+            parents.append(node)
+            depths.append(depth)
+        node = child
+    if not new_tokens:
+        return tree
+    sources = tree.sources if tree.sources is not None else np.full(tree.size, STREAM, dtype=np.int8)
+    return Tree(np.concatenate([tree.tokens, np.array(new_tokens, dtype=np.int64)]),
+                np.concatenate([tree.parents, np.array(parents, dtype=np.int32)]),
+                np.concatenate([tree.depths, np.array(depths, dtype=np.int32)]),
+                np.concatenate([tree.path_probs, np.zeros(len(new_tokens), dtype=np.float32)]),
+                np.concatenate([sources, np.full(len(new_tokens), source, dtype=np.int8)]))

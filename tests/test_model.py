@@ -72,6 +72,20 @@ def test_stream_rule(family):
         assert torch.equal(before.main_logits, bumped.main_logits)
 
 
+def test_keep_streams_keeps_the_first_streams_exactly():
+    """Deploying 2 of 3 trained streams gives streams 1 and 2 exactly as before."""
+    hf = tiny_hf_model("llama")
+    model = ours(hf, StreamConfig(num_streams=3, num_msa_layers=2, lora_rank=4))
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = run_chain(model, ids)
+        model.keep_streams(2)
+        after = run_chain(model, ids)
+    assert model.num_streams == 2 and after.stream_logits.shape[-2] == 2
+    assert torch.allclose(before.stream_logits[..., :2, :], after.stream_logits, atol=1e-5)
+    assert torch.equal(before.main_logits, after.main_logits)
+
+
 @pytest.mark.parametrize("mode", ["lossless", "shared"])
 def test_adapters_touch_main_rows_only_in_shared_mode(mode):
     hf = tiny_hf_model("llama")

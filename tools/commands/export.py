@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="K: top-K ids and probabilities per node that leave the graph")
     parser.add_argument("--budget", type=int, default=8,
                         help="default number of draft nodes per tree for the runtime")
+    parser.add_argument("--streams", type=int, default=None,
+                        help="deploy only the first N trained streams (shallower trees, fewer rows per node; "
+                             "default: all)")
     parser.add_argument("--backend", choices=("portable", "custom"), default="portable",
                         help="attention: portable (ONNX Runtime's GroupQueryAttention, runs anywhere) or "
                              "custom (streamspec.TreeAttention, needs `streamspec build-ops`)")
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from streamspec.exporter import export
 
     start = time.perf_counter()
-    out = export(args.source, args.out, dtype=args.dtype, max_length=args.max_length, candidates=args.candidates,
+    out = export(args.source, args.out, streams=args.streams, dtype=args.dtype, max_length=args.max_length, candidates=args.candidates,
                  budget=args.budget, backend=args.backend, full_logits=args.full_logits, slim=not args.no_slim,
                  force=args.force)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 2 ** 20
