@@ -36,6 +36,7 @@ BACKENDS = {"portable": portable, "custom": custom}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data
+DEFAULT_BUDGET = 8  # draft nodes per tree, when neither the caller nor the checkpoint says
 TRACE_CACHE_LENGTH = 64  # the cache length is a dynamic dimension; any value traces
 
 
@@ -44,8 +45,13 @@ def export(spec: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], stre
     """Export a streamspec checkpoint folder, or a base model ("default", a Hugging Face
     folder or a .gguf file) for autoregressive use. streams: deploy only the first n of
     the trained streams (fewer rows per tree node; exact, see `Transformer.keep_streams`).
+    A checkpoint's `deploy` entry gives the defaults of `streams` and `budget`.
     Other options: see `export_model`."""
     model, tokenizer_dir, base_dir, source = load_source(spec)
+    deploy = source.get("deploy", {})  # a checkpoint's measured defaults
+    streams = deploy.get("streams") if streams is None else streams
+    if options.get("budget") is None:
+        options["budget"] = int(deploy.get("budget", DEFAULT_BUDGET))
     if streams is not None:
         if not model.num_streams:
             raise StreamspecError(f"{spec} has no streams, so --streams does not apply.")
@@ -69,7 +75,10 @@ def load_source(spec: Union[str, os.PathLike]) -> tuple[Transformer, Path, Path,
             from streamspec.models.checkpoint import load_checkpoint
 
             model, info = load_checkpoint(path)
-            return model.eval(), info.tokenizer_folder, info.base_folder, {"kind": "checkpoint", "name": str(path)}
+            source = {"kind": "checkpoint", "name": str(path)}
+            if info.deploy:
+                source["deploy"] = info.deploy
+            return model.eval(), info.tokenizer_folder, info.base_folder, source
         from streamspec.models.loading import resolve_base
         from streamspec.models.model import build_model
 
@@ -81,7 +90,7 @@ def load_source(spec: Union[str, os.PathLike]) -> tuple[Transformer, Path, Path,
 
 def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], *,
                  dtype: str = "fp32", max_length: Optional[int] = None, candidates: int = 8,
-                 full_logits: bool = False, backend: str = "portable", budget: int = 8, slim: bool = True,
+                 full_logits: bool = False, backend: str = "portable", budget: int = DEFAULT_BUDGET, slim: bool = True,
                  force: bool = False, source: Optional[dict[str, str]] = None, base_dir: Optional[Path] = None,
                  progress: bool = True) -> Path:
     """Trace `model` into a deployable folder at `out_dir` and return its path.

@@ -5,6 +5,8 @@ A checkpoint is a folder:
     streamspec.json          format version, base model reference and hash, every
                              hyper-parameter (model, streams, training), metrics,
                              sha256 of the weights file
+                             and optionally `deploy`: export defaults chosen by
+                             measurement ({"budget", "streams"})
     streams.safetensors      the trained parameters only (stream embeddings, LoRA,
                              exit adapter), under `Transformer.named_parameters` names
     tokenizer.json, tokenizer_config.json (chat template), ...
@@ -56,6 +58,9 @@ class CheckpointInfo:
     metrics: dict = field(default_factory=dict)  # held-out metrics of the saved step
     base_source: Optional[str] = None  # the --base the run was given ("default", a path)
     weights_sha256: str = ""
+    # Export defaults measured for the checkpoint (optional): {"budget": draft nodes,
+    # "streams": streams to deploy}; `streamspec export` options override them.
+    deploy: dict = field(default_factory=dict)
 
     @property
     def tokenizer_folder(self) -> Path:
@@ -188,7 +193,7 @@ def read_checkpoint_info(folder: Union[str, Path], base: Union[str, os.PathLike,
             f"was trained on (sha256 {base_sha[:12]}…)."
         )
     return CheckpointInfo(folder, base_folder, base_sha, model, streams, meta.get("training", {}),
-                          meta.get("metrics", {}), base_source, weights_sha)
+                          meta.get("metrics", {}), base_source, weights_sha, meta.get("deploy") or {})
 
 
 def _find_base(base, recorded: dict, folder: Path) -> Path:

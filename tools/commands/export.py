@@ -22,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the model's positions, at most 2048)")
     parser.add_argument("--candidates", type=int, default=8,
                         help="K: top-K ids and probabilities per node that leave the graph")
-    parser.add_argument("--budget", type=int, default=8,
-                        help="default number of draft nodes per tree for the runtime")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="default number of draft nodes per tree for the runtime (default: the checkpoint's "
+                             "measured choice, else 8; `streamspec tune` re-measures it on the device)")
     parser.add_argument("--streams", type=int, default=None,
                         help="deploy only the first N trained streams (shallower trees, fewer rows per node; "
                              "default: all)")
