@@ -2,15 +2,19 @@
 
 Imports only numpy, onnxruntime, tokenizers, jinja2 (and rich in the CLI), never torch
 or transformers, so a device needs nothing else. `Engine` is imported on first use, so
-that `streamspec.runtime.tree` stays importable without onnxruntime.
+that `streamspec.runtime.tree` stays importable without onnxruntime. The HTTP server
+(`streamspec.runtime.server`, FastAPI) is imported only by those who serve.
 """
 
-__all__ = ["Engine", "Generation", "GenerationStats"]
+# public name -> the module that defines it
+_MODULES = {"Engine": "engine", "Generation": "engine", "GenerationStats": "engine",
+            "Conversation": "conversation", "Fallback": "fallback"}
+__all__ = list(_MODULES)
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from . import engine
+    if name in _MODULES:
+        import importlib
 
-        return getattr(engine, name)
+        return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

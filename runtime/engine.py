@@ -10,6 +10,12 @@ verifies it and drafts the next tree; `tree.accept` walks it with the model's ow
 choice at each node (argmax, or an exact in-graph sample), so the output is exactly
 what autoregressive decoding of the same weights produces (greedy: token for token;
 sampling: in distribution).
+
+Generation may start from rows already in the KV cache (`reuse_cache=True`, and
+`Conversation`, conversation.py): only the prompt tokens after the longest prefix the
+cache holds run, as a chain on top of those rows. A `Fallback` policy (fallback.py)
+measures speculative against autoregressive steps as the engine runs and decodes
+autoregressively while speculation does not pay.
 """
 
 from __future__ import annotations
@@ -17,20 +23,25 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from streamspec.errors import StreamspecError
 
+from .fallback import Fallback
 from .folder import read_folder
 from .sampling import SamplingParams
 from .session import StepSession
 from .tokenizer import TextStream, Tokenizer, first_stop
 from .tree import Tree, accept, build_tree, chain_tree, single_node_tree
 
+if TYPE_CHECKING:
+    from .conversation import Conversation
+
 Prompt = Union[str, Sequence[int], list[dict[str, Any]]]
 _NO_ROWS = np.zeros(0, dtype=np.int64)
+_NO_UNIFORMS = np.zeros(0, dtype=np.float32)
 _GREEDY = dict(temperature=np.ones(1, dtype=np.float32), top_k=np.zeros(1, dtype=np.int64),
                top_p=np.ones(1, dtype=np.float32))
 
@@ -49,6 +60,14 @@ class GenerationStats:
     decode_seconds: float = 0.0
     model_seconds: float = 0.0  # inside onnxruntime (prefill included)
     stop_reason: str = "length"  # "length" | "eos" | "stop"
+    cached_tokens: int = 0  # prompt tokens whose KV rows came from the cache (not prefilled)
+    fallback_steps: int = 0  # steps of a speculative generation that the fallback decoded one token at a time
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # the fallback's decisions (fallback.py), with step
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens that the prefill ran (the rest came from the cache)."""
+        return self.prompt_tokens - self.cached_tokens
 
     @property
     def forward_passes(self) -> int:
@@ -78,9 +97,9 @@ class GenerationStats:
         return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        names = ("prompt_tokens", "new_tokens", "speculative", "steps", "forward_passes", "mean_accepted_length",
-                 "prefill_seconds", "decode_seconds", "model_seconds", "host_seconds", "tokens_per_second",
-                 "decode_tokens_per_second", "stop_reason")
+        names = ("prompt_tokens", "cached_tokens", "new_tokens", "speculative", "steps", "forward_passes",
+                 "mean_accepted_length", "prefill_seconds", "decode_seconds", "model_seconds", "host_seconds",
+                 "tokens_per_second", "decode_tokens_per_second", "stop_reason", "fallback_steps", "decisions")
         return {name: getattr(self, name) for name in names}
 
 
@@ -118,18 +137,24 @@ class Engine:
     (default from streamspec.json). compaction: "auto", "host" or "graph" (see
     session.py; auto = host on CPU, graph on CUDA). profile: a file prefix that turns on
     ONNX Runtime's profiler (`engine.session.end_profiling()` returns the trace).
+    fallback: True (a default `Fallback`), a `Fallback` with other settings, or False:
+    speculate always, even where it is slower than autoregressive decoding.
     `on_step`, when set, is called with a `StepRecord` after every decode step.
+
+    One engine runs one generation at a time (one KV cache); a server queues requests.
     """
 
     def __init__(self, folder: Union[str, os.PathLike], provider: str = "auto", max_length: Optional[int] = None,
                  budget: Optional[int] = None, threads: Optional[int] = None, compaction: str = "auto",
-                 profile: Optional[str] = None):
+                 profile: Optional[str] = None, fallback: Union[bool, Fallback] = True):
         self.config = read_folder(folder)
         self.budget = self.config.default_budget if budget is None else int(budget)
         if self.budget < 0:
             raise StreamspecError(f"The tree budget must be >= 0, got {self.budget}.")
         self.session = StepSession(self.config, provider, max_length, threads, compaction, profile)
         self.tokenizer = Tokenizer(self.config)
+        self.fallback: Optional[Fallback] = (fallback if isinstance(fallback, Fallback)
+                                             else Fallback() if fallback else None)
         self.last_result: Optional[Generation] = None
         self.on_step: Optional[Callable[[StepRecord], None]] = None
 
@@ -141,28 +166,44 @@ class Engine:
     def can_speculate(self) -> bool:
         return self.config.num_streams > 0
 
+    @property
+    def cached_ids(self) -> list[int]:
+        """The tokens whose keys and values the KV cache holds now (reusable by the next
+        generation that starts with them)."""
+        return self.session.contents.held()
+
+    def conversation(self, system: Optional[str] = None) -> "Conversation":
+        """A chat that keeps its history in the KV cache between turns (conversation.py)."""
+        from .conversation import Conversation
+
+        return Conversation(self, system=system)
+
     # ---------------------------------------------------------------- public API
     def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, stop: Optional[Sequence[str]] = None, seed: Optional[int] = None,
-                 speculative: bool = True, ignore_eos: bool = False) -> Generation:
+                 speculative: bool = True, ignore_eos: bool = False, reuse_cache: bool = False) -> Generation:
         """Generate a completion. `prompt` is text, a list of chat messages (the chat
-        template is applied) or token ids. Greedy when temperature is 0."""
-        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, top_k, stop, seed, speculative, ignore_eos):
+        template is applied) or token ids. Greedy when temperature is 0. reuse_cache:
+        skip the prefill of the longest prompt prefix whose rows the cache still holds
+        (same tokens either way; `stats.cached_tokens` says how many)."""
+        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, top_k, stop, seed, speculative, ignore_eos,
+                             reuse_cache):
             pass
         return self.last_result
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, stop: Optional[Sequence[str]] = None, seed: Optional[int] = None,
-               speculative: bool = True, ignore_eos: bool = False) -> Iterator[str]:
+               speculative: bool = True, ignore_eos: bool = False, reuse_cache: bool = False) -> Iterator[str]:
         """Like `generate`, yielding text as it is committed; the full result is then in
         `engine.last_result`. Arguments are checked before the generator is returned."""
         ids = self.prompt_ids(prompt)
         params = SamplingParams(float(temperature), float(top_p), int(top_k), seed)
         params.validate()
-        self._check_length(len(ids), max_new_tokens)
+        self.check_length(len(ids), max_new_tokens)
         stops = [s for s in (stop or []) if s]
         stats = GenerationStats(prompt_tokens=len(ids), speculative=speculative and self.can_speculate)
-        tokens = self._tokens(ids, max_new_tokens, params, stats.speculative, ignore_eos, stats)
+        past = self.session.contents.reusable(ids) if reuse_cache else 0
+        tokens = self._tokens(ids, max_new_tokens, params, stats.speculative, ignore_eos, stats, past)
         return self._text(tokens, stops, stats)
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -187,24 +228,33 @@ class Engine:
         if past < 0 or past + tree.size * (1 + self.config.num_streams) > self.max_length:
             raise StreamspecError(f"A tree of {tree.size} nodes after {past} rows does not fit the cache.")
         stream_nodes = self._stream_nodes(tree.size, drafting and self.can_speculate)
+        contents = self.session.contents  # rows from `past` on (and rows not moved yet) are overwritten
+        contents.keep(min(past, contents.rows - len(contents.pending)))
         return self._run(tree, past, _NO_ROWS, stream_nodes, np.arange(tree.size, dtype=np.int64), None,
-                         np.random.default_rng(0), GenerationStats())
+                         _NO_UNIFORMS, GenerationStats())
 
-    # ---------------------------------------------------------------- internals
-    def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise StreamspecError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    def room_for(self, prompt_tokens: int) -> int:
+        """The most new tokens that fit the cache after a prompt of this length."""
         # The custom op writes stream rows for every node, the last step included.
         slack = self.config.num_streams if self.config.streams_for_all_nodes else 0
-        if prompt_tokens + max_new_tokens + slack > self.max_length:
+        return self.max_length - prompt_tokens - slack
+
+    def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse (one sentence) a request that does not fit the cache: the prompt plus
+        max_new_tokens (a server checks this before it queues a request)."""
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise StreamspecError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        if max_new_tokens > self.room_for(prompt_tokens):
             raise StreamspecError(
                 f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) exceed the maximum "
                 f"length of {self.max_length} tokens; shorten the prompt or lower max_new_tokens.")
 
+    # ---------------------------------------------------------------- internals
     def _run(self, tree: Tree, past: int, compact_src: np.ndarray, stream_nodes: np.ndarray,
-             output_nodes: np.ndarray, sampling: Optional[dict[str, np.ndarray]], rng: np.random.Generator,
+             output_nodes: np.ndarray, sampling: Optional[dict[str, np.ndarray]], uniform: np.ndarray,
              stats: GenerationStats, tree_mask: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
-        """One forward pass. `sampling` None: greedy, the graph samples nothing."""
+        """One forward pass. `sampling` None: greedy, the graph samples nothing; else it
+        samples every output node, with uniform [O] (one number in [0, 1) per node)."""
         sample_rows = np.arange(len(output_nodes), dtype=np.int64) if sampling else _NO_ROWS
         feeds = dict(sampling or _GREEDY)
         feeds.update(
@@ -212,7 +262,7 @@ class Engine:
             tree_mask=tree.ancestor_mask() if tree_mask is None else tree_mask,
             tree_parent=tree.parents.astype(np.int32), past_length=np.array([past], dtype=np.int64),
             compact_src=compact_src, stream_nodes=stream_nodes, output_nodes=output_nodes, sample_rows=sample_rows,
-            exit_nodes=_NO_ROWS, uniform=rng.random(len(sample_rows), dtype=np.float32))
+            exit_nodes=_NO_ROWS, uniform=uniform if sampling else _NO_UNIFORMS)
         start = time.perf_counter()
         out = self.session.run(feeds)
         stats.model_seconds += time.perf_counter() - start
@@ -226,9 +276,13 @@ class Engine:
         return _NO_ROWS
 
     def _tokens(self, prompt: list[int], max_new_tokens: int, params: SamplingParams, speculative: bool,
-                ignore_eos: bool, stats: GenerationStats) -> Iterator[list[int]]:
-        """Yield the tokens each forward pass commits (cut at EOS and max_new_tokens)."""
-        rng = np.random.default_rng(params.seed)
+                ignore_eos: bool, stats: GenerationStats, past: int = 0) -> Iterator[list[int]]:
+        """Yield the tokens each forward pass commits (cut at EOS and max_new_tokens).
+
+        The cache must hold prompt[:past] (`session.contents`, past < len(prompt)): the
+        prefill runs only the rest, as a chain on top of those rows (past = 0: all of it).
+        """
+        uniforms = _Uniforms(params.seed, enabled=not params.greedy)
         sampling = None if params.greedy else dict(
             temperature=np.array([params.temperature], dtype=np.float32),
             top_k=np.array([params.top_k], dtype=np.int64), top_p=np.array([params.top_p], dtype=np.float32))
@@ -239,18 +293,29 @@ class Engine:
         eos = set() if ignore_eos else set(self.config.eos_token_ids)
         g, limit = self.config.num_streams, self.max_length
         host_compaction = self.session.compaction == "host"
+        policy = self.fallback if speculative else None
+        contents = self.session.contents
+        history = list(prompt)  # committed tokens: the cache rows [0, past) hold history[:past]
 
         start = time.perf_counter()
-        n = len(prompt)
+        # Graph compaction: rows of the last generation's accepted path may still be
+        # waiting to move into place; this run moves them (compact_src) before its own rows.
+        pending = contents.keep(past)
+        contents.keep(past - len(pending))  # while a run is in flight, only rows it leaves alone are known
+        stats.cached_tokens = past
+        n = len(prompt) - past
         # Only the last prompt token's streams are needed for the first draft.
         stream_nodes = self._stream_nodes(n, False)
-        if speculative and not len(stream_nodes) and n + g <= limit:
+        if speculative and not len(stream_nodes) and past + n + g <= limit:
             stream_nodes = np.array([n - 1], dtype=np.int64)
-        out = self._run(chain_tree(prompt), 0, _NO_ROWS, stream_nodes, np.array([n - 1], dtype=np.int64),
-                        sampling, rng, stats, tree_mask=np.tri(n, dtype=bool))
+        out = self._run(chain_tree(prompt[past:]), past, pending, stream_nodes, np.array([n - 1], dtype=np.int64),
+                        sampling, uniforms.at(np.zeros(1, dtype=np.int64)), stats,
+                        tree_mask=np.tri(n, dtype=bool))
         correction = choose(out, 0)
         draft = _draft(out, n - 1) if speculative and len(stream_nodes) else None
-        past, pending, produced = n, _NO_ROWS, 1
+        past, pending, produced = len(prompt), _NO_ROWS, 1
+        history.append(correction)  # committed, but its row comes with the next step
+        contents.set(history, past)
         stats.prefill_seconds = time.perf_counter() - start
         stats.new_tokens = 1
         yield [correction]
@@ -259,14 +324,16 @@ class Engine:
             while produced < max_new_tokens and correction not in eos:
                 step_start = time.perf_counter()
                 room = limit - past  # cache rows this step may write beyond the committed ones
-                if draft is not None and room >= 2 * (1 + g):
+                speculate = speculative and (policy is None or policy.speculate())
+                if speculate and draft is not None and room >= 2 * (1 + g):
                     tree = build_tree(correction, draft[0], draft[1], min(self.budget, room // (1 + g) - 1))
                 else:
                     tree = single_node_tree(correction)
-                drafting = draft is not None and room >= tree.size * (1 + g)
+                drafting = speculate and room >= tree.size * (1 + g)  # streams for the next step's tree
                 nodes = np.arange(tree.size, dtype=np.int64)
+                contents.keep(past - len(pending))
                 out = self._run(tree, past, pending, self._stream_nodes(tree.size, drafting), nodes, sampling,
-                                rng, stats)
+                                uniforms.at(produced + tree.depths), stats)
                 ran = time.perf_counter()
                 path, correction = accept(tree, lambda node: choose(out, node))
                 accepted = time.perf_counter()
@@ -287,6 +354,10 @@ class Engine:
                                  max_new_tokens - produced, eos)
                 produced += len(committed)
                 stats.new_tokens = produced
+                history.extend(committed)
+                contents.set(history, past, pending)
+                if policy is not None:
+                    self._account_step(policy, speculate, compacted - step_start, len(path), stats)
                 if self.on_step is not None:
                     self._report_step(stats.steps, tree, len(path) - 1, len(committed), past,
                                       (step_start, ran, accepted, compacted))
@@ -295,6 +366,16 @@ class Engine:
         finally:
             stats.decode_seconds = time.perf_counter() - start
         stats.stop_reason = "eos" if correction in eos else "length"
+
+    @staticmethod
+    def _account_step(policy: Fallback, speculated: bool, seconds: float, tokens: int,
+                      stats: GenerationStats) -> None:
+        """Tell the fallback policy what the step cost; list its decision in the stats."""
+        if not speculated:
+            stats.fallback_steps += 1
+        decision = policy.record(speculated, seconds, tokens)
+        if decision is not None:
+            stats.decisions.append(dict(step=stats.steps, **decision))
 
     def _report_step(self, step: int, tree: Tree, accepted: int, committed: int, past: int,
                      marks: tuple[float, float, float, float]) -> None:
@@ -337,6 +418,29 @@ class Engine:
             text.append(held)
             yield held
         self.last_result = Generation("".join(text), ids, stats)
+
+
+class _Uniforms:
+    """The random numbers of a sampled generation, one per generated token: a node at
+    depth d of a step that follows `produced` tokens samples token produced + d with
+    number produced + d. Every committed token thus gets its own fresh number whatever
+    the trees were, so the same seed gives the same tokens with or without speculation
+    (and through the fallback's switches), and each token is still an exact draw."""
+
+    def __init__(self, seed: Optional[int], enabled: bool = True):
+        self.rng = np.random.default_rng(seed)
+        self.enabled = enabled  # greedy decoding draws nothing
+        self.values = _NO_UNIFORMS
+
+    def at(self, indices: np.ndarray) -> np.ndarray:
+        """uniform [len(indices)] float32: the numbers of these generated-token indices."""
+        if not self.enabled:
+            return _NO_UNIFORMS
+        needed = int(indices.max()) + 1 if len(indices) else 0
+        if needed > len(self.values):
+            more = self.rng.random(max(needed - len(self.values), 64), dtype=np.float32)
+            self.values = np.concatenate([self.values, more])
+        return self.values[indices]
 
 
 def _draft(out: dict[str, np.ndarray], node: int) -> tuple[np.ndarray, np.ndarray]:

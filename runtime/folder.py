@@ -24,6 +24,7 @@ streamspec.json, format_version 1:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -108,6 +109,23 @@ class DeployConfig:
     @property
     def default_budget(self) -> int:
         return int(self.raw.get("tree", {}).get("budget", 8))
+
+    def fingerprint(self) -> str:
+        """A short hash that tells exported models apart (a saved conversation carries it):
+        streamspec.json, and the size and 64 evenly spread 64 KiB blocks of each graph
+        file (hashing whole weight files would take seconds on a device)."""
+        digest = hashlib.sha256((self.folder / CONFIG_FILE).read_bytes())
+        for name in filter(None, (self.graph["file"], self.graph.get("external_data"))):
+            with open(self.folder / name, "rb") as file:
+                size = file.seek(0, os.SEEK_END)
+                digest.update(str(size).encode())
+                for block in range(_BLOCKS):
+                    file.seek(block * max(size - _BLOCK, 0) // (_BLOCKS - 1))
+                    digest.update(file.read(_BLOCK))
+        return digest.hexdigest()[:32]
+
+
+_BLOCKS, _BLOCK = 64, 1 << 16  # blocks of a graph file that the fingerprint hashes
 
 
 _REQUIRED = {

@@ -13,12 +13,17 @@ Accepted-path compaction (rows past + path[i] -> past + i):
   graph  (GPU): the rows are handed to the next step as `compact_src`; the graph
          gathers them and GroupQueryAttention writes them at their new place together
          with the step's own rows (exporter/portable.py), with no host round trip.
+
+What the rows hold is written down in `CacheContents` (`StepSession.contents`), so that
+a later generation whose prompt starts with the same tokens (the next turn of a
+conversation, a regenerated answer) runs only the rest of its prompt.
 """
 
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Optional
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -28,6 +33,62 @@ from streamspec.errors import StreamspecError
 from .folder import DeployConfig
 
 _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+# A quantized cache (streamspec.json graph.kv_dtype, exporter/kv_cache.py): numpy type
+# and values per element (int4 packs two per byte).
+_CACHE_STORAGE = {"int8": (np.int8, 1), "int4": (np.uint8, 2)}
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+@dataclass
+class CacheContents:
+    """Which tokens the cache rows hold: row i holds the keys and values of tokens[i] at
+    position i, for i < rows.
+
+    Graph compaction leaves the last accepted path of a generation where its tree step
+    wrote it: the last len(pending) of those rows still sit at cache rows `pending`
+    ([M] int64), and the next run moves them into place by passing them as compact_src.
+    `tokens` may run beyond `rows` (the engine appends to it as it commits tokens).
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    rows: int = 0
+    pending: np.ndarray = field(default_factory=lambda: _NO_ROWS)
+
+    def held(self) -> list[int]:
+        """The tokens whose rows the cache holds."""
+        return self.tokens[:self.rows]
+
+    def reusable(self, prompt: Sequence[int]) -> int:
+        """Prompt tokens whose rows can be reused: the common prefix with the held tokens,
+        less the last prompt token, which must run to give the next token's distribution."""
+        return min(common_prefix(self.held(), prompt), len(prompt) - 1)
+
+    def keep(self, rows: int) -> np.ndarray:
+        """Forget every row from `rows` on; return the compact_src [M] that the next run
+        must pass with past_length = rows (the pending rows that are kept)."""
+        rows = min(rows, self.rows)
+        moved = self.rows - len(self.pending)  # rows already in place
+        self.pending = self.pending[:max(rows - moved, 0)]
+        self.rows = rows
+        return self.pending
+
+    def set(self, tokens: list[int], rows: int, pending: np.ndarray = _NO_ROWS) -> None:
+        """After a run: rows [0, rows) hold tokens[:rows] (`pending` as above). A generation
+        cut at max_new_tokens may have written rows for drafts it did not commit: those
+        are not held."""
+        self.tokens, self.rows, self.pending = tokens, rows, pending
+        self.keep(len(tokens))
+
+    def row_index(self) -> np.ndarray:
+        """[rows] int64: the cache row where each held token's keys and values are now."""
+        moved = self.rows - len(self.pending)
+        return np.concatenate([np.arange(moved, dtype=np.int64), self.pending.astype(np.int64)])
 
 
 def resolve_provider(provider: str) -> str:
@@ -80,6 +141,7 @@ class StepSession:
         graph = config.graph
         self.output_names = [name for name in graph["outputs"] if name not in graph["cache_outputs"]]
         self._allocate_cache()
+        self.contents = CacheContents()
         self.binding = self.session.io_binding()
         for name in self.output_names:  # bound first: get_outputs() keeps this order
             self.binding.bind_output(name, "cpu")
@@ -115,8 +177,9 @@ class StepSession:
 
     def _allocate_cache(self) -> None:
         cfg = self.config
-        dtype = _NUMPY_DTYPES[cfg.dtype]
-        shape = (1, cfg.num_kv_heads, self.max_length, cfg.head_dim)
+        storage, packed = _CACHE_STORAGE.get(cfg.graph.get("kv_dtype"), (_NUMPY_DTYPES[cfg.dtype], 1))
+        dtype = self.cache_dtype = np.dtype(storage)
+        shape = (1, cfg.num_kv_heads, self.max_length, cfg.head_dim // packed)
         count = 2 * cfg.num_layers
         if self.device == "cpu":
             # One array for all layers, so that compaction is one numpy operation.
@@ -153,3 +216,26 @@ class StepSession:
         src = past_length + np.asarray(path, dtype=np.int64)
         dst = past_length + np.arange(len(path))
         self.host_cache[:, :, :, dst] = self.host_cache[:, :, :, src]
+
+    def rows_shape(self, n: int) -> tuple[int, ...]:
+        """The shape of `n` rows of every cache buffer, as `read_rows` returns them."""
+        _, kv_heads, _, width = self.cache[0].shape()
+        return len(self.cache), kv_heads, n, width
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The keys and values at cache rows `rows` [n] of every layer, as one host array
+        `rows_shape(n)`: [2 * layers, kv_heads, n, head_dim] (key_cache.0, value_cache.0, ...)."""
+        if self.host_cache is not None:
+            return self.host_cache[:, 0][:, :, rows]  # fancy indexing: a copy
+        return np.stack([value.numpy()[0][:, rows] for value in self.cache])  # device -> host, whole buffers
+
+    def write_rows(self, kv: np.ndarray) -> None:
+        """Put kv [2 * layers, kv_heads, n, head_dim] (from `read_rows`) at rows [0, n)."""
+        n = kv.shape[2]
+        if self.host_cache is not None:
+            self.host_cache[:, 0, :, :n] = kv
+            return
+        for value, rows in zip(self.cache, kv):  # device buffers: change the rows on the host, copy back
+            buffer = value.numpy()
+            buffer[0, :, :n] = rows
+            value.update_inplace(buffer)

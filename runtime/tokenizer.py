@@ -52,8 +52,8 @@ class Tokenizer:
         except Exception as error:
             raise StreamspecError(f"The chat template failed on these messages ({error}).") from None
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
 
 
 def _compile(source: str):

@@ -67,6 +67,7 @@ def generate_with_oracle_trees(engine, prompt_ids: list[int], reference: Sequenc
                     np.ones(len(tokens), np.float32))
 
     monkeypatch.setattr(engine_module, "build_tree", oracle_tree)
+    monkeypatch.setattr(engine, "fallback", None)  # every step speculates: the trees are the point
     stats = engine_module.GenerationStats()
     for ids in engine._tokens(prompt_ids, max_new_tokens, engine_module.SamplingParams(), True, True, stats):
         produced += ids

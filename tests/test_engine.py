@@ -178,7 +178,7 @@ def test_sampling_is_exact_in_both_modes(tiny_model_dir, tmp_path, monkeypatch):
     model, folder = small_vocab_folder(tiny_model_dir("llama"), tmp_path / "v6")
     prompt, length, runs, temperature = [1, 4, 2], 3, 1200, 0.9
     probs = exact_joint(model, prompt, length, temperature)
-    engine = Engine(folder, provider="cpu", budget=4)
+    engine = Engine(folder, provider="cpu", budget=4, fallback=False)  # speculation must run, paying or not
     for speculative in (False, True):
         counts, accepted = sample_counts(engine, prompt, runs, length, speculative, temperature)
         rejected, ratio = chi_square_rejects(counts, probs, runs)

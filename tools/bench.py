@@ -242,8 +242,9 @@ class StreamspecAdapter(Adapter):
     def load(self) -> None:
         from streamspec.runtime import Engine
 
-        # CPU like the PyTorch systems, so every ratio compares the same device.
-        self.engine = Engine(self.settings.folder, provider="cpu", threads=self.settings.threads)
+        # CPU like the PyTorch systems, so every ratio compares the same device; fallback
+        # off, so that the speculative row measures speculation, paying or not.
+        self.engine = Engine(self.settings.folder, provider="cpu", threads=self.settings.threads, fallback=False)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
         result = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens, speculative=self.speculative,

@@ -21,11 +21,13 @@ COMMANDS = {
     "train": "train",
     "export": "export",
     "generate": "generate",
+    "serve": "serve",
     "build-ops": "build_ops",
     "profile": "profile",
     "report": "report",
     "demo": "demo",
     "bench": "bench",
+    "tune": "tune",
 }
 
 

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
     parser.add_argument("--ar", action="store_true",
                         help="autoregressive: one token per forward pass, no draft tree (for comparison)")
+    parser.add_argument("--no-fallback", action="store_true",
+                        help="speculate even where measurements show it is slower than autoregressive decoding")
     parser.add_argument("--budget", type=int, default=None,
                         help="draft nodes per tree (default: the folder's streamspec.json)")
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from streamspec.runtime import Engine
 
     engine = Engine(args.folder, provider=args.provider, max_length=args.max_length, budget=args.budget,
-                    threads=args.threads)
+                    threads=args.threads, fallback=not args.no_fallback)
     prompt = args.prompt
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -51,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     stats = engine.last_result.stats
     mode = "speculative" if stats.speculative else "autoregressive"
+    if stats.fallback_steps:
+        mode += f" ({stats.fallback_steps} steps autoregressive by the fallback)"
     Console(stderr=True).print(
         f"[dim]{stats.new_tokens} tokens, {mode}, {stats.forward_passes} forward passes, "
         f"{stats.mean_accepted_length:.2f} tokens/step | {stats.tokens_per_second:.1f} tokens/s "

@@ -89,8 +89,9 @@ def run_profile(settings: ProfileSettings, view: Optional[ProfileView] = None) -
     from streamspec.runtime import Engine  # onnxruntime loads here, not at CLI start
 
     view = view or ProfileView()
+    # fallback off: the profile measures speculation itself, step by step, paying or not.
     engine = Engine(settings.folder, provider=settings.provider, max_length=settings.max_length,
-                    budget=settings.budget, threads=settings.threads)
+                    budget=settings.budget, threads=settings.threads, fallback=False)
     device, config = engine.session.device, engine.config
     probe = MemoryProbe(device)
     view.begin(f"streamspec profile · {Path(settings.folder).name} · {device}", engine.max_length,
@@ -201,7 +202,8 @@ def _ort_profile(settings: ProfileSettings, prompt: list[int]) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="streamspec-ort-") as folder:
         try:
             engine = Engine(settings.folder, provider=settings.provider, max_length=settings.max_length,
-                            budget=settings.budget, threads=settings.threads, profile=str(Path(folder) / "ort"))
+                            budget=settings.budget, threads=settings.threads, profile=str(Path(folder) / "ort"),
+                            fallback=False)
             result = engine.generate(prompt, max_new_tokens=min(settings.max_new_tokens, ORT_PROFILE_TOKENS),
                                      ignore_eos=settings.ignore_eos)
             trace = engine.session.end_profiling()

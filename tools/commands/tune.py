@@ -1,0 +1,97 @@
+"""`streamspec tune DIR`: measure this device and write the best tree into the folder."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = ("Measure the step-latency curve and the acceptance of several tree budgets (and prompt lookup) on "
+        "this device, and write the setting with the most expected tokens/s into the folder.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", metavar="DIR", help="a folder written by `streamspec export`")
+    parser.add_argument("--prompts", metavar="FILE", default=None,
+                        help='a JSONL file of {"messages": [...]} or {"prompt": "..."} records; when omitted, '
+                             "held-out prompts of the standard-library harvest that `streamspec bench` does not use")
+    parser.add_argument("--num-prompts", type=int, default=8, metavar="N", help="prompts to generate")
+    parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="tokens per generation")
+    parser.add_argument("--budgets", default=",".join(map(str, _budgets())), metavar="B,B,...",
+                        help="tree budgets (draft nodes) to try")
+    parser.add_argument("--lookup", default="0", metavar="N,N,...",
+                        help="prompt-lookup draft lengths to try (0: off), when the engine supports it")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per point of the latency curve")
+    parser.add_argument("--json", metavar="OUT", default="tune.json", help="where to write every figure")
+    parser.add_argument("--dry-run", action="store_true", help="measure and print, but leave the folder unchanged")
+
+
+def _budgets():
+    from streamspec.tools.tune import DEFAULT_BUDGETS
+
+    return DEFAULT_BUDGETS
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from streamspec.errors import StreamspecError
+    from streamspec.runtime.folder import read_folder
+    from streamspec.tools import bench, tune
+
+    folder = Path(args.folder)
+    read_folder(folder)  # one sentence when it is no deployable folder
+    budgets = _ints(args.budgets, "--budgets", minimum=1)
+    lookups = _ints(args.lookup, "--lookup", minimum=0)
+    if args.num_prompts < 1 or args.max_new_tokens < 1 or args.repeats < 1:
+        raise StreamspecError("--num-prompts, --max-new-tokens and --repeats must be positive.")
+    if args.prompts:
+        prompts = bench.load_prompts(Path(args.prompts), args.num_prompts)
+    else:  # bench measures the first held-out prompts; tune on the ones after them
+        first = bench.DEFAULT_NUM_PROMPTS
+        prompts = bench.load_prompts(None, first + args.num_prompts)[first:]
+    console = Console()
+    settings = tune.TuneSettings(folder, budgets=budgets, lookup=lookups, max_new_tokens=args.max_new_tokens,
+                                 threads=args.threads, provider=args.provider, repeats=args.repeats)
+    with console.status("tuning") as status:
+        report = tune.run_tune(settings, bench.tokenize_prompts(folder, prompts),
+                               progress=lambda message: status.update(f"tuning: {message}"))
+    table = Table(title=f"tree settings on {report['system']['device_name']} (past {report['past']} rows)")
+    for column in ("budget", "lookup", "tokens/pass", "nodes/step", "step ms", "expected tok/s", "measured tok/s",
+                   "exact"):
+        table.add_column(column, justify="right")
+    ar = report["autoregressive"]
+    table.add_row("AR", "-", "1.00", "1.0", f"{ar['step_ms']:.1f}", f"{ar['expected_tokens_per_second']:.1f}",
+                  f"{ar['measured_tokens_per_second']:.1f}", "yes")
+    for c in report["candidates"]:
+        ms = 1000.0 * c["tokens_per_pass"] / c["expected_tokens_per_second"]
+        table.add_row(str(c["budget"]), str(c["lookup"]), f"{c['tokens_per_pass']:.2f}", f"{c['nodes_per_step']:.1f}",
+                      f"{ms:.1f}", f"{c['expected_tokens_per_second']:.1f}",
+                      f"{c['measured_tokens_per_second']:.1f}", "yes" if c["identical"] else "[red]NO[/]")
+    console.print(table)
+    choice = report["choice"]
+    console.print(f"choice: budget {choice['budget']}, lookup {choice['lookup']} ({choice['reason']}; expected "
+                  f"speed-up {choice['expected_speedup']:.2f}x)")
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if not args.dry_run:
+        tune.write_choice(folder, report)
+        console.print(f"written into {folder / 'streamspec.json'}; figures in {args.json}")
+    if not all(c["identical"] for c in report["candidates"]):
+        raise StreamspecError("a speculative setting changed the greedy output; this is a bug, please report it.")
+    return 0
+
+
+def _ints(text: str, name: str, minimum: int) -> list[int]:
+    from streamspec.errors import StreamspecError
+
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise StreamspecError(f"{name} must be comma-separated integers, got {text!r}.") from None
+    if not values or min(values) < minimum:
+        raise StreamspecError(f"{name} needs integers >= {minimum}, got {text!r}.")
+    return values

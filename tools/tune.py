@@ -1,0 +1,149 @@
+"""`streamspec tune`: pick the tree for the device the folder runs on.
+
+Speculation pays when the tokens a step commits grow faster than the step's cost. Both
+are measured here, on this device and this folder:
+
+    acceptance   greedy generations on a prompt set at every candidate setting (tree
+                 budget, prompt lookup on/off): tokens committed per forward pass and
+                 draft nodes per step; outputs are checked against autoregressive decoding
+    latency      the step-latency curve (median ms of one step vs tree nodes) at a
+                 typical cache length (`profiler.measure.latency_curve`)
+
+    expected tokens/s (setting) = tokens per pass / latency(mean nodes per step)
+
+The best setting, when it beats the autoregressive step, is written into the folder's
+streamspec.json (`tree`), which the engine uses by default; a setting that never beats
+it writes budget 0: the engine then decodes autoregressively. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from streamspec.errors import StreamspecError
+
+DEFAULT_BUDGETS = (1, 2, 4, 6, 8, 12, 16, 24, 32)
+
+
+@dataclass
+class TuneSettings:
+    folder: Path
+    budgets: Sequence[int] = DEFAULT_BUDGETS
+    lookup: Sequence[int] = (0,)  # prompt-lookup draft lengths to try (0: off)
+    max_new_tokens: int = 96
+    threads: Optional[int] = None
+    provider: str = "auto"
+    repeats: int = 5  # timed steps per point of the latency curve
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Candidate:
+    budget: int
+    lookup: int
+    tokens_per_pass: float = 0.0
+    nodes_per_step: float = 0.0
+    measured_tokens_per_second: float = 0.0  # end-to-end decode, for reference (noisier)
+    identical: bool = True
+    expected_tokens_per_second: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def interpolate(curve: list[dict[str, Any]], nodes: float) -> float:
+    """Milliseconds of a drafting step over `nodes` nodes, linear between measured points."""
+    points = sorted((p["nodes"], p["median_ms"]) for p in curve if p["drafting"])
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    if nodes > xs[-1]:  # extrapolate with the last segment's slope
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+        return ys[-1] + slope * (nodes - xs[-1])
+    return float(np.interp(nodes, xs, ys))
+
+
+def run_tune(settings: TuneSettings, prompts: list[list[int]],
+             progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Measure every candidate setting and the latency curve; returns the report."""
+    from streamspec.runtime import Engine
+    from streamspec.tools.profiler.measure import latency_curve, system_info
+
+    say = progress or (lambda message: None)
+    engine = Engine(settings.folder, provider=settings.provider, threads=settings.threads)
+    if not engine.can_speculate:
+        raise StreamspecError(f"{settings.folder} holds a plain model without streams; there is nothing to tune.")
+    say("autoregressive reference")
+    reference, ar_speed = [], []
+    for ids in prompts:
+        result = engine.generate(ids, max_new_tokens=settings.max_new_tokens, speculative=False)
+        reference.append(result.token_ids)
+        ar_speed.append(result.stats.decode_tokens_per_second)
+    candidates = []
+    for lookup in settings.lookup:
+        for budget in settings.budgets:
+            say(f"budget {budget}, lookup {lookup}")
+            candidates.append(_measure(engine, prompts, reference, budget, lookup, settings.max_new_tokens))
+    # The curve at the mean cache length of a decode step: prompt + half the answer.
+    past = int(statistics.mean(len(p) for p in prompts) + settings.max_new_tokens / 2)
+    biggest = int(np.ceil(max(c.nodes_per_step for c in candidates)))
+    say("step-latency curve")
+    curve = latency_curve(engine, past, sizes=sorted({1, 2, 4, 8, 16, 32, 64, biggest}), repeats=settings.repeats)
+    ar_ms = next(p["median_ms"] for p in curve if not p["drafting"])
+    for c in candidates:
+        c.expected_tokens_per_second = 1000.0 * c.tokens_per_pass / interpolate(curve, c.nodes_per_step)
+    ar_expected = 1000.0 / ar_ms
+    exact = [c for c in candidates if c.identical]
+    best = max(exact, key=lambda c: c.expected_tokens_per_second, default=None)
+    pays = best is not None and best.expected_tokens_per_second > ar_expected
+    return dict(
+        folder=str(settings.folder), date=datetime.date.today().isoformat(), system=system_info(engine.session.device),
+        threads=settings.threads, prompts=len(prompts), max_new_tokens=settings.max_new_tokens, past=past,
+        autoregressive=dict(step_ms=ar_ms, expected_tokens_per_second=ar_expected,
+                            measured_tokens_per_second=statistics.mean(ar_speed)),
+        candidates=[c.as_dict() for c in candidates], latency_curve=curve,
+        choice=dict(budget=best.budget if pays else 0, lookup=best.lookup if pays else 0,
+                    expected_speedup=(best.expected_tokens_per_second / ar_expected) if best else None,
+                    reason=("the best exact setting beats the autoregressive step" if pays else
+                            "no setting beats the autoregressive step on this device: decode autoregressively")),
+        notes=settings.notes)
+
+
+def _measure(engine, prompts: list[list[int]], reference: list[list[int]], budget: int, lookup: int,
+             max_new_tokens: int) -> Candidate:
+    engine.budget = budget
+    if hasattr(engine, "lookup"):
+        engine.lookup = lookup
+    c = Candidate(budget, lookup)
+    tokens = steps = nodes = 0
+    speeds = []
+    for ids, expected in zip(prompts, reference):
+        result = engine.generate(ids, max_new_tokens=max_new_tokens)
+        stats = result.stats
+        c.identical &= result.token_ids == expected
+        tokens += stats.new_tokens - 1  # the prefill commits the first token
+        steps += stats.steps
+        nodes += sum(stats.tree_sizes)
+        speeds.append(stats.decode_tokens_per_second)
+    c.tokens_per_pass = tokens / max(steps, 1)
+    c.nodes_per_step = nodes / max(steps, 1)
+    c.measured_tokens_per_second = statistics.mean(speeds)
+    return c
+
+
+def write_choice(folder: Path, report: dict[str, Any]) -> None:
+    """Store the choice in streamspec.json's `tree` (what `Engine` uses by default)."""
+    path = Path(folder) / "streamspec.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    choice = report["choice"]
+    tree = config.setdefault("tree", {})
+    tree["budget"] = int(choice["budget"])
+    tree["lookup"] = int(choice["lookup"])
+    tree["tuned"] = dict(date=report["date"], device=report["system"]["device_name"], threads=report["threads"],
+                         expected_speedup=choice["expected_speedup"], reason=choice["reason"])
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
