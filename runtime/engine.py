@@ -34,7 +34,7 @@ from .folder import read_folder
 from .sampling import SamplingParams
 from .session import StepSession
 from .tokenizer import TextStream, Tokenizer, first_stop
-from .tree import Tree, accept, build_tree, chain_tree, single_node_tree
+from .tree import LOOKUP, Tree, accept, add_branch, build_tree, chain_tree, lookup_draft, single_node_tree
 
 if TYPE_CHECKING:
     from .conversation import Conversation
@@ -61,6 +61,7 @@ class GenerationStats:
     model_seconds: float = 0.0  # inside onnxruntime (prefill included)
     stop_reason: str = "length"  # "length" | "eos" | "stop"
     cached_tokens: int = 0  # prompt tokens whose KV rows came from the cache (not prefilled)
+    lookup_tokens: int = 0  # accepted draft tokens that came from prompt lookup (the rest: the streams)
     fallback_steps: int = 0  # steps of a speculative generation that the fallback decoded one token at a time
     decisions: list[dict[str, Any]] = field(default_factory=list)  # the fallback's decisions (fallback.py), with step
 
@@ -99,7 +100,8 @@ class GenerationStats:
     def as_dict(self) -> dict[str, Any]:
         names = ("prompt_tokens", "cached_tokens", "new_tokens", "speculative", "steps", "forward_passes",
                  "mean_accepted_length", "prefill_seconds", "decode_seconds", "model_seconds", "host_seconds",
-                 "tokens_per_second", "decode_tokens_per_second", "stop_reason", "fallback_steps", "decisions")
+                 "tokens_per_second", "decode_tokens_per_second", "stop_reason", "lookup_tokens", "fallback_steps",
+                 "decisions")
         return {name: getattr(self, name) for name in names}
 
 
@@ -134,7 +136,9 @@ class Engine:
 
     provider: "auto" (CUDA when available), "cpu" or "cuda". max_length: cache rows
     (default and maximum: the exported max length). budget: draft nodes per tree
-    (default from streamspec.json). compaction: "auto", "host" or "graph" (see
+    (default from streamspec.json; 0 with lookup 0: autoregressive). lookup: prompt-lookup
+    draft tokens added beside the stream drafts (0: off; default from streamspec.json,
+    where `streamspec tune` writes it when it pays). compaction: "auto", "host" or "graph" (see
     session.py; auto = host on CPU, graph on CUDA). profile: a file prefix that turns on
     ONNX Runtime's profiler (`engine.session.end_profiling()` returns the trace).
     fallback: True (a default `Fallback`), a `Fallback` with other settings, or False:
@@ -146,11 +150,13 @@ class Engine:
 
     def __init__(self, folder: Union[str, os.PathLike], provider: str = "auto", max_length: Optional[int] = None,
                  budget: Optional[int] = None, threads: Optional[int] = None, compaction: str = "auto",
-                 profile: Optional[str] = None, fallback: Union[bool, Fallback] = True):
+                 profile: Optional[str] = None, fallback: Union[bool, Fallback] = True,
+                 lookup: Optional[int] = None):
         self.config = read_folder(folder)
         self.budget = self.config.default_budget if budget is None else int(budget)
-        if self.budget < 0:
-            raise StreamspecError(f"The tree budget must be >= 0, got {self.budget}.")
+        self.lookup = self.config.default_lookup if lookup is None else int(lookup)
+        if self.budget < 0 or self.lookup < 0:
+            raise StreamspecError(f"The tree budget and lookup must be >= 0, got {self.budget} and {self.lookup}.")
         self.session = StepSession(self.config, provider, max_length, threads, compaction, profile)
         self.tokenizer = Tokenizer(self.config)
         self.fallback: Optional[Fallback] = (fallback if isinstance(fallback, Fallback)
@@ -324,12 +330,11 @@ class Engine:
             while produced < max_new_tokens and correction not in eos:
                 step_start = time.perf_counter()
                 room = limit - past  # cache rows this step may write beyond the committed ones
-                speculate = speculative and (policy is None or policy.speculate())
-                if speculate and draft is not None and room >= 2 * (1 + g):
-                    tree = build_tree(correction, draft[0], draft[1], min(self.budget, room // (1 + g) - 1))
-                else:
-                    tree = single_node_tree(correction)
-                drafting = speculate and room >= tree.size * (1 + g)  # streams for the next step's tree
+                speculate = (speculative and (self.budget > 0 or self.lookup > 0)
+                             and (policy is None or policy.speculate()))
+                tree = self._tree(correction, draft if speculate else None, history if speculate else None, room)
+                # Streams for the next step's tree (none when the budget takes no stream drafts).
+                drafting = speculate and self.budget > 0 and room >= tree.size * (1 + g)
                 nodes = np.arange(tree.size, dtype=np.int64)
                 contents.keep(past - len(pending))
                 out = self._run(tree, past, pending, self._stream_nodes(tree.size, drafting), nodes, sampling,
@@ -349,6 +354,7 @@ class Engine:
                 draft = _draft(out, path[-1]) if drafting else None
                 stats.steps += 1
                 stats.accepted.append(len(path) - 1)
+                stats.lookup_tokens += sum(tree.source_of(node) == LOOKUP for node in path[1:])
                 stats.tree_sizes.append(tree.size)
                 committed = _cut([int(t) for t in tree.tokens[path[1:]]] + [correction],
                                  max_new_tokens - produced, eos)
@@ -366,6 +372,19 @@ class Engine:
         finally:
             stats.decode_seconds = time.perf_counter() - start
         stats.stop_reason = "eos" if correction in eos else "length"
+
+    def _tree(self, root: int, draft: Optional[tuple[np.ndarray, np.ndarray]], history: Optional[list[int]],
+              room: int) -> Tree:
+        """The step's tree: the root, the `budget` best stream drafts, and a prompt-lookup
+        chain of up to `lookup` tokens (merged where it repeats a stream draft), within the
+        `room` cache rows this step may write (every node takes 1 + γ rows)."""
+        fits = room // (1 + self.config.num_streams) - 1  # draft nodes that fit beside the root
+        tree = single_node_tree(root)
+        if draft is not None and fits >= 1:
+            tree = build_tree(root, draft[0], draft[1], min(self.budget, fits))
+        if history is not None and self.lookup and fits > tree.size - 1:
+            tree = add_branch(tree, lookup_draft(history, min(self.lookup, fits - tree.size + 1)))
+        return tree
 
     @staticmethod
     def _account_step(policy: Fallback, speculated: bool, seconds: float, tokens: int,

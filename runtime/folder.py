@@ -18,7 +18,8 @@ streamspec.json, format_version 1:
                        full_logits, max_length, inputs, outputs, cache_inputs, cache_outputs}
     tokens            {eos_token_ids, bos_token_id, pad_token_id}
     tokenizer         {file, chat_template (file name or null), bos_token, eos_token}
-    tree              {budget}: the default number of draft nodes
+    tree              {budget, lookup}: the default number of draft nodes and of
+                      prompt-lookup draft tokens (`streamspec tune` writes them)
     source            {kind: "base" | "checkpoint", name}
 """
 
@@ -109,6 +110,11 @@ class DeployConfig:
     @property
     def default_budget(self) -> int:
         return int(self.raw.get("tree", {}).get("budget", 8))
+
+    @property
+    def default_lookup(self) -> int:
+        """Prompt-lookup draft tokens per step (0: off)."""
+        return int(self.raw.get("tree", {}).get("lookup", 0))
 
     def fingerprint(self) -> str:
         """A short hash that tells exported models apart (a saved conversation carries it):

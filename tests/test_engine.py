@@ -77,6 +77,26 @@ def test_greedy_equals_transformers(engines, family):
                 assert result.stats.speculative == speculative
 
 
+def test_prompt_lookup_drafts_keep_greedy_exact(engines):
+    """Lookup chains beside the stream drafts (and alone, budget 0): the same tokens as
+    autoregressive decoding, and some accepted tokens come from lookup (a tiny random
+    model's greedy text soon repeats itself, which is what lookup copies)."""
+    _, folder = engines["llama"]
+    plain = Engine(folder, provider="cpu", fallback=False)
+    settings = [dict(budget=4, lookup=6), dict(budget=0, lookup=6)]
+    looked_up = 0
+    for options in settings:
+        engine = Engine(folder, provider="cpu", fallback=False, **options)
+        for prompt in PROMPTS:
+            expected = plain.generate(prompt, max_new_tokens=60, speculative=False, ignore_eos=True).token_ids
+            result = engine.generate(prompt, max_new_tokens=60, ignore_eos=True)
+            assert result.token_ids == expected
+            looked_up += result.stats.lookup_tokens
+            if options["budget"] == 0:  # lookup alone: no stream rows, so no stream drafts
+                assert result.stats.lookup_tokens == sum(result.stats.accepted)
+    assert looked_up > 0
+
+
 def test_plain_base_model_generates_like_transformers(tiny_model_dir, tmp_path):
     folder = tiny_model_dir("qwen2")
     exported = export_tiny(build_model(folder), folder, tmp_path / "qwen2")

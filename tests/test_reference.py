@@ -1,5 +1,6 @@
 """The PyTorch reference decoder: greedy speculative == greedy autoregressive == transformers."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,19 @@ def test_overlong_prompt_is_refused_before_generating():
     load_base_weights(model, hf.state_dict())
     with pytest.raises(StreamspecError, match="do not fit"):
         ReferenceDecoder(model, max_length=32).generate(list(range(30)), 10)
+
+
+def test_lookup_draft_and_branch_merge():
+    from streamspec.runtime.tree import LOOKUP, STREAM, add_branch, build_tree, lookup_draft
+
+    # The latest earlier occurrence of the longest suffix n-gram wins.
+    assert lookup_draft([1, 2, 3, 9, 2, 3, 7, 5, 2, 3], 3) == [7, 5, 2]
+    assert lookup_draft([4, 4], 2) == [4]  # a 1-gram match, cut at the history's end
+    assert lookup_draft([1, 2, 3], 4) == []  # nothing repeats
+    tree = build_tree(5, np.array([[7, 8], [9, 10]]), np.array([[0.6, 0.3], [0.5, 0.4]]), 3)
+    merged = add_branch(tree, [7, 9, 11])  # shares 7 -> 9 with the stream drafts
+    assert merged.tokens.tolist() == tree.tokens.tolist() + [11]
+    assert merged.parents[-1] == 3 and merged.depths[-1] == 3
+    assert [merged.source_of(i) for i in range(merged.size)] == [STREAM] * 4 + [LOOKUP]
+    mask = merged.ancestor_mask()
+    assert mask[-1].tolist() == [True, True, False, True, True]

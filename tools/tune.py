@@ -75,7 +75,8 @@ def run_tune(settings: TuneSettings, prompts: list[list[int]],
     from streamspec.tools.profiler.measure import latency_curve, system_info
 
     say = progress or (lambda message: None)
-    engine = Engine(settings.folder, provider=settings.provider, threads=settings.threads)
+    # No fallback: every setting must be measured as it is, paying or not.
+    engine = Engine(settings.folder, provider=settings.provider, threads=settings.threads, fallback=False)
     if not engine.can_speculate:
         raise StreamspecError(f"{settings.folder} holds a plain model without streams; there is nothing to tune.")
     say("autoregressive reference")
@@ -116,9 +117,7 @@ def run_tune(settings: TuneSettings, prompts: list[list[int]],
 
 def _measure(engine, prompts: list[list[int]], reference: list[list[int]], budget: int, lookup: int,
              max_new_tokens: int) -> Candidate:
-    engine.budget = budget
-    if hasattr(engine, "lookup"):
-        engine.lookup = lookup
+    engine.budget, engine.lookup = budget, lookup
     c = Candidate(budget, lookup)
     tokens = steps = nodes = 0
     speeds = []
