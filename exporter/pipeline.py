@@ -29,7 +29,7 @@ from streamspec.errors import StreamspecError
 from streamspec.models.model import Transformer
 from streamspec.runtime.folder import CONFIG_FILE, FORMAT, FORMAT_VERSION
 
-from . import custom, portable, sampler, step
+from . import custom, kv_cache, portable, quantize as quantization, sampler, step
 from . import ops  # noqa: F401  (registers torch.ops.streamspec.*)
 
 BACKENDS = {"portable": portable, "custom": custom}
@@ -75,7 +75,7 @@ def load_source(spec: Union[str, os.PathLike]) -> tuple[Transformer, Path, Path,
             from streamspec.models.checkpoint import load_checkpoint
 
             model, info = load_checkpoint(path)
-            source = {"kind": "checkpoint", "name": str(path)}
+            source = {"kind": "checkpoint", "name": str(path.resolve())}
             if info.deploy:
                 source["deploy"] = info.deploy
             return model.eval(), info.tokenizer_folder, info.base_folder, source
@@ -92,10 +92,17 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
                  dtype: str = "fp32", max_length: Optional[int] = None, candidates: int = 8,
                  full_logits: bool = False, backend: str = "portable", budget: int = DEFAULT_BUDGET, slim: bool = True,
                  force: bool = False, source: Optional[dict[str, str]] = None, base_dir: Optional[Path] = None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, quantize: str = "none", block_size: int = quantization.DEFAULT_BLOCK_SIZE,
+                 quantize_head: bool = True, quant_activations: str = quantization.DEFAULT_ACTIVATIONS,
+                 kv_dtype: str = "none") -> Path:
     """Trace `model` into a deployable folder at `out_dir` and return its path.
 
-    dtype: "fp32" or "fp16" weights, activations and KV cache. max_length: the largest
+    dtype: "fp32" or "fp16" weights, activations and KV cache. quantize: "none", "int8"
+    or "int4" weight-only quantization (exporter/quantize.py) in blocks of `block_size`
+    along K; quantize_head: the LM head too; quant_activations: "fp32" or "int8" (per
+    row and block, faster on CPU) inside the quantized MatMuls. kv_dtype: "none", or an
+    "int8" / "int4" KV cache with calibrated per-channel scales (exporter/kv_cache.py,
+    portable backend). max_length: the largest
     cache (default: the model's positions, at most 2048). candidates: K of every
     top-K output. full_logits: also output the main stream's logits [O, V]. backend:
     "portable" (GroupQueryAttention) or "custom" (streamspec.TreeAttention). budget:
@@ -106,6 +113,8 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
     out_dir = Path(out_dir).expanduser().resolve()
     tokenizer_dir = Path(tokenizer_dir)
     max_length = _check_options(model, tokenizer_dir, out_dir, dtype, max_length, candidates, backend, budget, force)
+    bits = quantization.check_quantization(quantize, block_size, quant_activations)
+    kv = kv_cache.check_kv_dtype(kv_dtype, backend)
     say = _reporter(progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -117,14 +126,24 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
         if slim:
             say("Simplifying the graph (onnxslim, fusions)")
             proto = simplify(proto)
+        record = None
+        if bits:
+            say(f"Quantizing the weights to {quantize} (MatMulNBits, blocks of {block_size})")
+            proto, record = quantization.quantize_weights(proto, quantize, block_size, model.config.vocab_size,
+                                                          quantize_head, quant_activations)
         say(f"Writing {out_dir.name}")
         external = _save(proto, tmp)
         names = _io_names(proto)
         config = deploy_config(model, dtype, max_length, candidates, full_logits, backend, budget, external, names,
                                source or {"kind": "model", "name": type(model).__name__})
+        config["graph"]["quantization"] = record
+        config["graph"]["kv_dtype"] = None  # the cache has the graph's dtype unless --kv-dtype says otherwise
         config["tokenizer"] = copy_tokenizer(tokenizer_dir, tmp)
         config["tokens"] = token_ids(model, [tokenizer_dir] + ([Path(base_dir)] if base_dir else []))
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _write_config(config, tmp)
+        if kv:
+            say(f"Calibrating the {kv} KV cache on the model's own keys and values")
+            _quantize_kv_cache(model, tmp, config, kv, dtype)
         if backend == "portable":
             say("Checking the folder with a short generation")
             smoke_test(tmp)
@@ -223,7 +242,7 @@ def deploy_config(model: Transformer, dtype: str, max_length: int, candidates: i
         "exporter_version": __version__,
         "model": {key: getattr(cfg, key) for key in ("family", "model_type", "vocab_size", "hidden_size",
                                                      "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                                                     "max_position_embeddings")},
+                                                     "intermediate_size", "max_position_embeddings")},
         "streams": None if streams is None else {"num_streams": streams.num_streams,
                                                  "num_msa_layers": streams.num_msa_layers, "mode": streams.mode},
         "attention": {"backend": backend,
@@ -237,6 +256,30 @@ def deploy_config(model: Transformer, dtype: str, max_length: int, candidates: i
         "tree": {"budget": budget},
         "source": source,
     }
+
+
+def _write_config(config: dict[str, Any], folder: Path) -> None:
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _quantize_kv_cache(model: Transformer, folder: Path, config: dict[str, Any], kv: str, dtype: str) -> None:
+    """Calibrate the cache scales on the finished float folder, then rewrite its graph
+    for an int8 / int4 cache (exporter/kv_cache.py) and record it in streamspec.json."""
+    import onnx
+
+    peak = kv_cache.calibrate(folder)
+    proto = onnx.load(str(folder / MODEL_FILE))  # with its external data, which is rewritten below
+    for name in (MODEL_FILE, DATA_FILE):
+        (folder / name).unlink(missing_ok=True)  # onnx appends to an existing data file
+    graph = config["graph"]
+    scales = kv_cache.scales(peak, kv, rotary_pairs=model.pos_embed is None)
+    float_type = onnx.TensorProto.FLOAT if dtype == "fp32" else onnx.TensorProto.FLOAT16
+    proto = kv_cache.quantize_cache(proto, kv, scales, graph["cache_inputs"], graph["cache_outputs"], float_type)
+    graph["external_data"] = _save(proto, folder)
+    graph["kv_dtype"] = kv
+    graph["kv_cache"] = {"dtype": kv, "scales": "per channel, calibrated", "bit_width": 8 if kv == "int8" else 4,
+                         "calibration_prompts": kv_cache.CALIBRATION_PROMPTS}
+    _write_config(config, folder)
 
 
 def copy_tokenizer(tokenizer_dir: Path, folder: Path) -> dict[str, Any]:
