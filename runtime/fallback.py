@@ -6,11 +6,12 @@ tree of 16 nodes costs ~1.8 one-token steps, on a GPU barely more than one) and 
 text (how many drafts get accepted), so the engine measures both as it runs:
 
     autoregressive cost   seconds per one-token step (no streams), a running average
-    speculative speed     tokens committed per second by speculative steps, a running
-                          average over the current window
+    speculative speed     tokens committed per second by speculative steps, totalled
+                          over a window of `window` steps
 
-and decodes autoregressively while speculative tokens/s fall below autoregressive
-tokens/s. Each fall back lasts `backoff` steps, doubled after each consecutive loss (up
+and decodes autoregressively while a window's speculative tokens/s fall below
+autoregressive tokens/s. Whole windows are judged, not single steps: acceptance varies
+a lot from step to step (1 token, then 4), and a per-step average flips on one bad step. Each fall back lasts `backoff` steps, doubled after each consecutive loss (up
 to `max_backoff`), then a window of `window` speculative steps probes again. The
 autoregressive cost is measured with `calibration` steps when the engine starts and one
 step every `refresh` speculative steps, because both costs grow with the cache.
@@ -37,7 +38,7 @@ class Fallback:
     `record(...)` after it.
     """
 
-    def __init__(self, window: int = 6, backoff: int = 32, max_backoff: int = 512, refresh: int = 64,
+    def __init__(self, window: int = 16, backoff: int = 32, max_backoff: int = 512, refresh: int = 64,
                  calibration: int = 2, smoothing: float = 0.3):
         if min(window, backoff, refresh, calibration) < 1 or max_backoff < backoff or not 0 < smoothing <= 1:
             raise ValueError("Fallback needs window, backoff, refresh, calibration >= 1, max_backoff >= backoff "
@@ -46,8 +47,9 @@ class Fallback:
         self.refresh, self.smoothing = refresh, smoothing
         self.mode = SPECULATIVE
         self.ar_seconds: Optional[float] = None  # running average, seconds per one-token step
-        self.spec_seconds: Optional[float] = None  # running averages over the current window:
-        self.spec_tokens: Optional[float] = None  # seconds and tokens per speculative step
+        self.spec_seconds: Optional[float] = None  # the last judged window: seconds and tokens
+        self.spec_tokens: Optional[float] = None  # of its speculative steps, totalled
+        self._window_seconds = self._window_tokens = 0.0  # the current window so far
         self.backoff = backoff
         self._measure = calibration  # one-token steps still to take to measure the AR cost
         self._window_steps = 0  # speculative steps in the current window
@@ -90,14 +92,16 @@ class Fallback:
         return None
 
     def _record_speculative(self, seconds: float, tokens: int) -> Optional[dict[str, Any]]:
-        self.spec_seconds = self._average(self.spec_seconds, seconds)
-        self.spec_tokens = self._average(self.spec_tokens, float(tokens))
+        self._window_seconds += seconds
+        self._window_tokens += tokens
         self._window_steps += 1
         self._since_measure += 1
         if self._since_measure >= self.refresh:  # the AR cost grows with the cache: measure it again
             self._since_measure, self._measure = 0, 1
         if self._window_steps < self.window or self.ar_seconds is None:
             return None
+        self.spec_seconds, self.spec_tokens = self._window_seconds, self._window_tokens
+        self._window_steps, self._window_seconds, self._window_tokens = 0, 0.0, 0.0  # the next window
         spec, ar = self.spec_tokens_per_second, self.ar_tokens_per_second
         if spec < ar:
             self.mode, self._hold = AUTOREGRESSIVE, self.backoff
@@ -112,7 +116,8 @@ class Fallback:
     def _start_window(self) -> None:
         self.mode = SPECULATIVE
         self.spec_seconds = self.spec_tokens = None  # judge the probe on its own steps only
-        self._window_steps, self._judged = 0, False
+        self._window_steps, self._window_seconds, self._window_tokens = 0, 0.0, 0.0
+        self._judged = False
 
     def _average(self, current: Optional[float], value: float) -> float:
         return value if current is None else (1 - self.smoothing) * current + self.smoothing * value
