@@ -11,11 +11,15 @@ streamspec.json, format_version 1:
     format_version    1
     exporter_version  streamspec version that wrote it
     model             family, model_type, vocab_size, hidden_size, num_layers, num_heads,
-                      num_kv_heads, head_dim, max_position_embeddings
+                      num_kv_heads, head_dim, intermediate_size (newer folders),
+                      max_position_embeddings
     streams           null (plain base model) or {num_streams, num_msa_layers, mode}
     attention         {backend: "portable" | "custom", op, stream_nodes: "any" | "all"}
     graph             {file, external_data, dtype: "fp32" | "fp16", candidates (K),
-                       full_logits, max_length, inputs, outputs, cache_inputs, cache_outputs}
+                       full_logits, max_length, inputs, outputs, cache_inputs, cache_outputs,
+                       quantization: null | {method, bits, block_size, ...} (exporter/quantize.py),
+                       kv_dtype: null | "int8" | "int4" (exporter/kv_cache.py; null: the cache
+                       has `dtype`)}; the last two are optional (older folders lack them)
     tokens            {eos_token_ids, bos_token_id, pad_token_id}
     tokenizer         {file, chat_template (file name or null), bos_token, eos_token}
     tree              {budget, lookup}: the default number of draft nodes and of

@@ -17,6 +17,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the folder to write; it appears only once the export is complete")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                         help="weights, activations and KV cache; fp16 is meant for GPUs")
+    parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                        help="weight-only quantization of the MatMuls (ONNX Runtime's MatMulNBits; int4 also "
+                             "quantizes the embedding); greedy output then differs from fp32, see "
+                             "docs/precision.md")
+    parser.add_argument("--block-size", type=int, default=32,
+                        help="with --quantize: weights per quantization block along the input dimension "
+                             "(a power of two >= 16; smaller is more accurate and a little larger)")
+    parser.add_argument("--no-quantize-head", action="store_true",
+                        help="with --quantize: keep the LM head (vocabulary projection) in fp32")
+    parser.add_argument("--quant-activations", choices=("fp32", "int8"), default="fp32",
+                        help="with --quantize: what the quantized MatMuls compute with: fp32 activations "
+                             "(speculative == autoregressive as with fp32 weights) or int8 per row and block "
+                             "(faster on CPU; the two modes may then part at near-ties, see docs/precision.md)")
+    parser.add_argument("--kv-dtype", choices=("none", "int8", "int4"), default="none",
+                        help="store the KV cache as int8 or int4 with per-channel scales calibrated on the model "
+                             "(ONNX Runtime's GroupQueryAttention; portable backend only): 4x / 8x less cache "
+                             "memory than fp32, at a cost in agreement with fp32, see docs/precision.md")
     parser.add_argument("--max-length", type=int, default=None,
                         help="the longest prompt + answer the runtime may hold in its KV cache "
                              "(default: the model's positions, at most 2048)")
@@ -42,11 +59,17 @@ def run(args: argparse.Namespace) -> int:
 
     from streamspec.exporter import export
 
+    from streamspec.runtime.folder import read_folder
+    from streamspec.runtime.memory import estimate_memory
+
     start = time.perf_counter()
-    out = export(args.source, args.out, streams=args.streams, dtype=args.dtype, max_length=args.max_length, candidates=args.candidates,
-                 budget=args.budget, backend=args.backend, full_logits=args.full_logits, slim=not args.no_slim,
-                 force=args.force)
+    out = export(args.source, args.out, streams=args.streams, dtype=args.dtype, max_length=args.max_length,
+                 candidates=args.candidates, budget=args.budget, backend=args.backend, full_logits=args.full_logits,
+                 slim=not args.no_slim, force=args.force, quantize=args.quantize, block_size=args.block_size,
+                 quantize_head=not args.no_quantize_head, quant_activations=args.quant_activations,
+                 kv_dtype=args.kv_dtype)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 2 ** 20
-    Console(stderr=True).print(f"Exported {args.source} to {out} ({size:.0f} MiB) in "
-                               f"{time.perf_counter() - start:.0f} s.")
+    console = Console(stderr=True)
+    console.print(f"Exported {args.source} to {out} ({size:.0f} MiB) in {time.perf_counter() - start:.0f} s.")
+    console.print(f"Memory estimate: {estimate_memory(read_folder(out)).summary()}.")
     return 0

@@ -1,0 +1,305 @@
+"""Weight-only quantization of the step graph with ONNX Runtime's own quantizer.
+
+    proto, record = quantize_weights(proto, "int4", block_size=32, vocab_size=V)
+
+Every MatMul with a constant weight [K, N] becomes a `com.microsoft.MatMulNBits`
+(`onnxruntime.quantization.matmul_nbits_quantizer`, round to nearest, asymmetric,
+blocks of `block_size` along K, one fp32 scale and one zero point per block), 8 or 4
+bits per weight. With `--quantize int4` the embedding Gather becomes a
+`GatherBlockQuantized` as well (4 bits only in ONNX Runtime's quantizer).
+
+Why this scheme keeps speculative == autoregressive: a tree step runs many rows
+through each MatMul, an autoregressive step one, and the engine promises that greedy
+speculative output equals greedy autoregressive output of the same folder. So a row's
+result must not depend on the other rows of the batch. MatMulNBits dequantizes the
+weights per block and, by default, computes with the fp32 activations
+(`accuracy_level` 1): a row's arithmetic is then that of an fp32 MatMul, and a tree
+step and one-token steps differ only by float rounding, exactly as for fp32 weights
+(divergence at most at near-ties; tests/test_quantize.py checks it).
+
+`quant_activations="int8"` (`accuracy_level` 4) quantizes the activations to int8 per
+row and per block of K, MLAS's fast CompInt8 path on CPU. Each row has its own scales,
+so a MatMul's rows are still independent bit for bit; but rounding to int8 turns the
+1e-7 float differences that other ops (attention over 1 or N rows) leave into a whole
+quantization step now and then, so speculative and autoregressive outputs may part at
+near-ties of the order of 1e-3 rather than 1e-4. It is offered for speed, not default.
+
+Dynamic int8 quantization (`quantize_dynamic`: DynamicQuantizeLinear + MatMulInteger)
+is not used: it picks ONE activation scale per tensor from the largest value over all
+rows, so a node's logits would depend on its siblings in the tree, and speculative
+output would not be the autoregressive output of any fixed model. docs/precision.md
+has the measurements.
+
+The step graph has no graph I/O change, so the runtime needs nothing new: ONNX Runtime
+runs MatMulNBits and GatherBlockQuantized on its CPU and CUDA providers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Optional
+
+import numpy as np
+
+from streamspec.errors import StreamspecError
+
+QUANTIZATIONS: dict[str, Optional[int]] = {"none": None, "int8": 8, "int4": 4}  # --quantize -> bits
+DEFAULT_BLOCK_SIZE = 32
+# --quant-activations -> MatMulNBits accuracy_level: how the input A is computed with
+# (1: as fp32; 4: quantized to int8 per row and block of K, the fast CPU path).
+ACCURACY_LEVELS = {"fp32": 1, "int8": 4}
+DEFAULT_ACTIVATIONS = "fp32"
+
+
+def check_quantization(quantize: str, block_size: int, activations: str = DEFAULT_ACTIVATIONS) -> Optional[int]:
+    """The bits for --quantize (None for "none"); one sentence on bad input. Any --dtype
+    goes: MatMulNBits and GatherBlockQuantized have fp32 and fp16 kernels on CPU and CUDA."""
+    if quantize not in QUANTIZATIONS:
+        raise StreamspecError(f"--quantize must be none, int8 or int4, got {quantize!r}.")
+    if activations not in ACCURACY_LEVELS:
+        raise StreamspecError(f"--quant-activations must be int8 or fp32, got {activations!r}.")
+    bits = QUANTIZATIONS[quantize]
+    if bits is None:
+        return None
+    if block_size < 16 or block_size & (block_size - 1):
+        raise StreamspecError(f"--block-size must be a power of two and at least 16, got {block_size}.")
+    return bits
+
+
+def quantize_weights(proto, quantize: str, block_size: int = DEFAULT_BLOCK_SIZE, vocab_size: Optional[int] = None,
+                     head: bool = True, activations: str = DEFAULT_ACTIVATIONS):
+    """Quantize the weights of a step graph (ModelProto) in place of its fp32 ones.
+    Returns (ModelProto, the `quantization` record for streamspec.json).
+
+    vocab_size: finds the LM head (`_head_matmuls`); head=False keeps it fp32.
+    activations: "fp32" (exact like fp32 weights) or "int8" (faster on CPU), see the
+    module docstring.
+    """
+    MatMulNBitsQuantizer, QuantFormat = _quantizer()
+    bits = QUANTIZATIONS[quantize]
+    _name_nodes(proto)
+    _fold_transposed_weights(proto)
+    _merge_identical_initializers(proto)
+    chosen, kept = _choose_matmuls(proto, block_size, vocab_size, head)
+    gathers = _embedding_gathers(proto) if bits == 4 else []
+    # The quantizer takes every node of the chosen op types unless it is excluded by name.
+    exclude = kept + [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name not in gathers]
+    quiet = logging.getLogger("onnxruntime.quantization")  # it logs every node at INFO / WARNING
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False,
+                                         accuracy_level=ACCURACY_LEVELS[activations], nodes_to_exclude=exclude,
+                                         quant_format=QuantFormat.QOperator,
+                                         op_types_to_quantize=("MatMul", "Gather") if gathers else ("MatMul",),
+                                         quant_axes=(("MatMul", 0), ("Gather", 1)))
+        quantizer.process()
+    finally:
+        quiet.setLevel(level)
+    proto = quantizer.model.model
+    _drop_duplicate_initializers(proto)
+    _drop_dead_nodes(proto)
+    record = {"method": "MatMulNBits", "bits": bits, "block_size": block_size, "symmetric": False,
+              "activations": activations, "accuracy_level": ACCURACY_LEVELS[activations],
+              "matmuls": len(chosen), "matmuls_kept_fp32": len(kept), "lm_head": head,
+              "embedding": "GatherBlockQuantized" if gathers else "fp32"}
+    return proto, record
+
+
+def _quantizer():
+    """ONNX Runtime's quantizer classes. Importing the module calls logging.basicConfig
+    at INFO level, which would make every library in the process chatty; undo that."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    return MatMulNBitsQuantizer, QuantFormat
+
+
+# ------------------------------------------------------------------------------ graph preparation
+def _name_nodes(proto) -> None:
+    # nodes_to_exclude matches by name; traced graphs name their nodes, but be sure.
+    names = set()
+    for i, node in enumerate(proto.graph.node):
+        if not node.name or node.name in names:
+            node.name = f"{node.op_type}_{i}_q"
+        names.add(node.name)
+
+
+def _fold_transposed_weights(proto) -> None:
+    """MatMul(x, Transpose(W)) -> MatMul(x, W^T) with W^T a new initializer (one per W).
+
+    A tied LM head is traced as MatMul(x, Transpose(embedding)), which onnxslim leaves
+    unfolded for large vocabularies (it would double the file); the quantizer only
+    quantizes constant weights, so the head needs its own transposed copy. The copy is
+    then quantized, so it costs 1/8 or 1/4 of the fp32 matrix.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    folded: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in producers:
+            continue
+        transpose = producers[node.input[1]]
+        source = transpose.input[0] if transpose.op_type == "Transpose" else None
+        if source not in initializers or len(initializers[source].dims) != 2 or _perm(transpose) not in (None, [1, 0]):
+            continue
+        if source not in folded:
+            folded[source] = f"{source}.transposed"
+            array = numpy_helper.to_array(initializers[source], base_dir="")
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.T), folded[source]))
+        node.input[1] = folded[source]
+
+
+def _perm(node) -> Optional[list[int]]:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def _merge_identical_initializers(proto) -> None:
+    """Point every user of a duplicate initializer at one copy (onnxslim folds the head's
+    transpose once per consumer: main, stream and exit head), so it is quantized and
+    stored once."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    for tensor in graph.initializer:
+        if len(tensor.dims) != 2:
+            continue
+        array = numpy_helper.to_array(tensor, base_dir="")
+        key = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        if key in first:
+            rename[tensor.name] = first[key]
+        else:
+            first[key] = tensor.name
+    if not rename:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    kept = [t for t in graph.initializer if t.name not in rename]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+
+
+def _choose_matmuls(proto, block_size: int, vocab_size: Optional[int], head: bool) -> tuple[list[str], list[str]]:
+    """(MatMuls to quantize, MatMuls kept fp32). Kept: the head when head=False, and
+    matrices with a side shorter than a block (the low-rank stream adapters: a few KiB,
+    and quantizing them would only cost accuracy)."""
+    initializers = {t.name: t for t in proto.graph.initializer}
+    heads = _head_matmuls(proto, vocab_size) if not head else set()
+    chosen, kept = [], []
+    for node in proto.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in initializers:
+            continue
+        dims = list(initializers[node.input[1]].dims)
+        small = len(dims) != 2 or min(dims) < block_size
+        (kept if small or node.name in heads else chosen).append(node.name)
+    return chosen, kept
+
+
+def _head_matmuls(proto, vocab_size: Optional[int]) -> set[str]:
+    """The LM-head MatMuls: N == vocab_size, and their output reaches a TopK or a graph
+    output (the step's outputs) without passing through another MatMul, unlike an MLP
+    that happens to be as wide as the vocabulary."""
+    graph = proto.graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {t.name: t for t in graph.initializer}
+    outputs = {v.name for v in graph.output}
+
+    def reaches_output(node) -> bool:
+        seen, todo = set(), list(node.output)
+        while todo:
+            name = todo.pop()
+            if name in outputs:
+                return True
+            for user in consumers.get(name, []):
+                if user.op_type == "TopK":
+                    return True
+                if user.op_type not in ("MatMul", "MatMulNBits") and user.name not in seen:
+                    seen.add(user.name)
+                    todo.extend(user.output)
+        return False
+
+    return {node.name for node in graph.node
+            if node.op_type == "MatMul" and node.input[1] in initializers
+            and list(initializers[node.input[1]].dims)[-1:] == [vocab_size] and reaches_output(node)}
+
+
+def _embedding_gathers(proto) -> list[str]:
+    """Gathers of rows of a constant 2-D table (the token embedding)."""
+    initializers = {t.name: t for t in proto.graph.initializer}
+    return [node.name for node in proto.graph.node
+            if node.op_type == "Gather" and node.input[0] in initializers
+            and len(initializers[node.input[0]].dims) == 2 and _axis(node) == 0]
+
+
+def _axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+
+
+# ------------------------------------------------------------------------------ clean-up
+def _drop_duplicate_initializers(proto) -> None:
+    # A weight shared by several MatMuls is quantized once per MatMul, under the same
+    # name and with the same bytes; keep the first.
+    seen, kept = set(), []
+    for tensor in proto.graph.initializer:
+        if tensor.name not in seen:
+            seen.add(tensor.name)
+            kept.append(tensor)
+    if len(kept) != len(proto.graph.initializer):
+        proto.graph.ClearField("initializer")
+        proto.graph.initializer.extend(kept)
+
+
+def _drop_dead_nodes(proto) -> None:
+    """Remove nodes whose outputs nobody reads (the Transposes folded above), then the
+    initializers nobody reads."""
+    graph = proto.graph
+    outputs = {v.name for v in graph.output}
+    changed = True
+    while changed:
+        used = outputs | _used_names(graph)
+        alive = [node for node in graph.node if any(out in used for out in node.output)]
+        changed = len(alive) != len(graph.node)
+        if changed:
+            graph.ClearField("node")
+            graph.node.extend(alive)
+    used = _used_names(graph)
+    kept = [t for t in graph.initializer if t.name in used]
+    if len(kept) != len(graph.initializer):
+        graph.ClearField("initializer")
+        graph.initializer.extend(kept)
+
+
+def _used_names(graph) -> set[str]:
+    """Every value name read by a node of `graph` or of its subgraphs (which may read
+    outer values)."""
+    used = set()
+    for node in graph.node:
+        used.update(node.input)
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                used |= _used_names(sub)
+    return used
+
+
+def describe(record: Optional[dict[str, Any]]) -> str:
+    """One line for the export summary: 'int4 weights (MatMulNBits, blocks of 32)'."""
+    if not record:
+        return "fp32 weights"
+    return f"int{record['bits']} weights ({record['method']}, blocks of {record['block_size']})"

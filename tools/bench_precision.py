@@ -1,0 +1,377 @@
+"""fp32 against int8 and int4 weights (and quantized KV caches) of the same model, side
+by side in one run: autoregressive and speculative tokens/s, the speculative speed-up
+over the same precision's autoregressive decoding, token agreement with fp32 greedy,
+the check that speculative == autoregressive within each precision, weight and KV-cache
+bytes and peak RSS.
+
+    python -m streamspec.tools.bench_precision CKPT                  # exports fp32, int8, int4 once
+    python -m streamspec.tools.bench_precision CKPT --precisions fp32 int4 fp32+kv8 int4+kv4
+    python -m streamspec.tools.bench_precision fp32-dir int8-dir int4-dir    # takes exported folders
+
+One checkpoint or base model (anything `streamspec export` takes) is exported once per
+precision into --out-dir (default: <cache>/bench/precision/), and reused while its
+streamspec.json says it is that source at that precision. Exported folders are taken
+as they are; their precision comes from their streamspec.json.
+
+Method: every precision is loaded into its own Engine (CPU, the fallback off so that
+the speculative rows measure speculation); the peak RSS is the growth of this process's
+resident memory while the engine loads and runs its warm-up. Then each repeat runs every
+prompt through every (precision, mode) in turn, the order reversed on odd repeats, so
+drifting machine load hits all alike; tok/s is new tokens over the wall time of the
+generate call, median of the repeats per prompt, mean over prompts. Greedy decoding,
+the same prompt ids and max_new_tokens everywhere.
+
+Agreement with fp32: the fp32 autoregressive tokens are the reference. Per prompt,
+`prefix` = tokens before the first divergence / reference length (1.0: identical), and
+`exact` counts the prompts whose tokens are identical. A quantized model is a different
+model, so agreement below 1 is its quality cost; speculative == autoregressive within a
+precision must still hold exactly (the `spec == AR` column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from streamspec.errors import StreamspecError
+
+PRECISIONS = ("fp32", "int8", "int4")  # the default set; "+kv8" / "+kv4" adds a quantized KV cache
+KV_SUFFIXES = {"": "none", "kv8": "int8", "kv4": "int4"}  # "int4+kv8": int4 weights, int8 KV cache
+MODES = ("ar", "spec")
+MIB = 1 << 20
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m streamspec.tools.bench_precision", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sources", nargs="+", metavar="CKPT_OR_FOLDERS",
+                        help="one checkpoint or base model to export per precision, or exported folders")
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), metavar="P",
+                        help="precisions to export from a checkpoint (ignored for exported folders): weights fp32, "
+                             "int8 or int4, each optionally with +kv8 or +kv4 for an int8 / int4 KV cache, e.g. "
+                             "fp32 int4 int4+kv8")
+    parser.add_argument("--out-dir", default=None, metavar="DIR",
+                        help="where the exports go (default: <streamspec cache>/bench/precision/<source name>)")
+    parser.add_argument("--force-export", action="store_true", help="export again even when a folder is there")
+    parser.add_argument("--block-size", type=int, default=32, help="quantization block size of the exports")
+    parser.add_argument("--quant-activations", choices=("fp32", "int8"), default="fp32",
+                        help="what the quantized exports' MatMuls compute with (see `streamspec export --help`)")
+    parser.add_argument("--max-length", type=int, default=1024, help="max length of the exports")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help='JSONL of {"messages": [...]} or {"prompt": "..."} (default: the held-out stdlib prompts)')
+    parser.add_argument("--num-prompts", type=int, default=4, metavar="N", help="use the first N prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    parser.add_argument("--repeats", type=int, default=3, metavar="N", help="timed runs per prompt and system")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N",
+                        help="ONNX Runtime intra-op threads")
+    parser.add_argument("--budget", type=int, default=None, help="draft nodes per tree (default: each folder's)")
+    parser.add_argument("--json", default="bench_precision.json", metavar="OUT", help="where to write the report")
+    parser.add_argument("--no-progress", action="store_true", help="no progress display")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------ folders
+def precision_of(folder: Path) -> str:
+    """"fp32", "fp16", "int8" or "int4", + "+kv8" / "+kv4" for a quantized KV cache, from
+    a folder's streamspec.json."""
+    from streamspec.runtime.folder import read_folder
+
+    graph = read_folder(folder).graph
+    quantization = graph.get("quantization")
+    weights = f"int{quantization['bits']}" if quantization else graph["dtype"]
+    kv = graph.get("kv_dtype")
+    return weights + (f"+kv{kv[3:]}" if kv else "")
+
+
+def parse_precision(precision: str) -> tuple[str, str]:
+    """"int4+kv8" -> (--quantize "int4", --kv-dtype "int8"); one sentence on bad input."""
+    weights, _, kv = precision.partition("+")
+    kv_dtype = KV_SUFFIXES.get(kv)
+    if weights not in PRECISIONS or kv_dtype is None:
+        raise StreamspecError(f"Unknown precision {precision!r}; use fp32, int8 or int4, optionally with +kv8 or "
+                              "+kv4.")
+    return ("none" if weights == "fp32" else weights), kv_dtype
+
+
+def is_exported(path: Path) -> bool:
+    return (path / "streamspec.json").is_file() and (path / "model.onnx").is_file()
+
+
+def resolve_folders(sources: Sequence[str], precisions: Sequence[str], out_dir: Optional[Path], block_size: int,
+                    max_length: int, force: bool, activations: str = "fp32",
+                    say=lambda message: None) -> dict[str, Path]:
+    """precision -> folder: the given exported folders, or exports of one source."""
+    paths = [Path(s).expanduser() for s in sources]
+    if all(is_exported(p) for p in paths):
+        folders: dict[str, Path] = {}
+        for path in paths:
+            precision = precision_of(path)
+            if precision in folders:
+                raise StreamspecError(f"{folders[precision]} and {path} are both {precision}; pass one folder per "
+                                      "precision.")
+            folders[precision] = path
+        return dict(sorted(folders.items(), key=lambda item: _order(item[0])))
+    if len(paths) != 1:
+        raise StreamspecError("Pass either one checkpoint or base model, or exported folders only (not a mix).")
+    return export_precisions(sources[0], precisions, out_dir, block_size, max_length, force, activations, say)
+
+
+def _order(precision: str) -> tuple[int, str]:
+    """fp32 first (the reference), then fp16, int8, int4; KV variants after their weights."""
+    weights = precision.split("+")[0]
+    order = ("fp32", "fp16", "int8", "int4")
+    return (order.index(weights) if weights in order else len(order), precision)
+
+
+def export_precisions(source: str, precisions: Sequence[str], out_dir: Optional[Path], block_size: int,
+                      max_length: int, force: bool, activations: str = "fp32",
+                      say=lambda message: None) -> dict[str, Path]:
+    """Export `source` once per precision; a folder already there is reused when its
+    streamspec.json names the same source, precision, block size, activations and max
+    length."""
+    from streamspec.exporter import export
+    from streamspec.models.loading import cache_root
+
+    root = out_dir or cache_root() / "bench" / "precision" / (Path(source).name or "model")
+    wanted = {precision: parse_precision(precision) for precision in precisions}  # checks them all first
+    folders = {}
+    for precision in sorted(wanted, key=_order):
+        quantize, kv_dtype = wanted[precision]
+        folder = root / precision
+        if force or not _matches(folder, source, quantize, kv_dtype, block_size, max_length, activations):
+            say(f"exporting {source} as {precision} into {folder}")
+            export(source, folder, max_length=max_length, quantize=quantize, block_size=block_size,
+                   quant_activations=activations, kv_dtype=kv_dtype, force=True, progress=False)
+        folders[precision] = folder
+    return folders
+
+
+def _matches(folder: Path, source: str, quantize: str, kv_dtype: str, block_size: int, max_length: int,
+             activations: str) -> bool:
+    if not is_exported(folder):
+        return False
+    raw = json.loads((folder / "streamspec.json").read_text(encoding="utf-8"))
+    record = raw["graph"].get("quantization") or {}
+    bits = None if quantize == "none" else int(quantize[3:])
+    wanted = (bits, block_size, activations)
+    same_quantization = (record.get("bits"), record.get("block_size"), record.get("activations")) == wanted \
+        if bits else not record
+    return (raw.get("source", {}).get("name") == str(source) and same_quantization
+            and (raw["graph"].get("kv_dtype") or "none") == kv_dtype and raw["graph"].get("max_length") == max_length)
+
+
+# ------------------------------------------------------------------------------ measuring
+@dataclass
+class Run:
+    ids: list[int]
+    passes: int
+    seconds: float
+
+
+@dataclass
+class Precision:
+    name: str
+    folder: Path
+    engine: Any = None
+    peak_mib: Optional[float] = None
+    can_speculate: bool = False
+    runs: dict[str, list[list[Run]]] = field(default_factory=dict)  # mode -> [prompt][repeat]
+
+
+def load(precision: Precision, warm_up_ids: list[int], max_new_tokens: int, threads: int,
+         budget: Optional[int]) -> None:
+    """Load the engine under the memory sampler and run one warm-up per mode."""
+    from streamspec.runtime import Engine
+    from streamspec.tools.bench import PeakRSS, _release_freed_memory, _rss
+
+    _release_freed_memory()
+    before = _rss()
+    with PeakRSS() as peak:
+        engine = Engine(precision.folder, provider="cpu", threads=threads, budget=budget, fallback=False)
+        for speculative in (False, True):
+            engine.generate(list(warm_up_ids), max_new_tokens=max_new_tokens, speculative=speculative)
+    precision.engine, precision.peak_mib = engine, (peak.peak - before) / MIB
+    precision.can_speculate = engine.can_speculate
+
+
+def measure(precisions: list[Precision], prompt_ids: list[list[int]], max_new_tokens: int, repeats: int,
+            show=lambda *args: None) -> None:
+    """The timed runs, every (precision, mode) in turn, the order reversed on odd repeats."""
+    systems = [(p, mode) for p in precisions for mode in MODES if mode == "ar" or p.can_speculate]
+    for p, mode in systems:
+        p.runs[mode] = [[] for _ in prompt_ids]
+    total, done = repeats * len(prompt_ids) * len(systems), 0
+    for repeat in range(repeats):
+        for index, ids in enumerate(prompt_ids):
+            for p, mode in (systems if repeat % 2 == 0 else systems[::-1]):
+                show(f"repeat {repeat + 1}/{repeats}, prompt {index + 1}/{len(prompt_ids)}: {p.name} {mode}", done,
+                     total)
+                start = time.perf_counter()
+                result = p.engine.generate(list(ids), max_new_tokens=max_new_tokens, speculative=mode == "spec")
+                seconds = time.perf_counter() - start
+                p.runs[mode][index].append(Run(list(result.token_ids), result.stats.forward_passes, seconds))
+                done += 1
+
+
+# ------------------------------------------------------------------------------ the report
+def agreement(tokens: Sequence[int], reference: Sequence[int]) -> float:
+    """Tokens before the first divergence from `reference`, as a fraction of its length
+    (1.0 when equal; a longer or shorter output diverges where it ends)."""
+    same = 0
+    for a, b in zip(tokens, reference):
+        if a != b:
+            break
+        same += 1
+    if same == len(reference) == len(tokens):
+        return 1.0
+    return same / max(len(reference), 1)
+
+
+def summarize(p: Precision, mode: str, reference: Optional[list[list[int]]]) -> dict[str, Any]:
+    runs = p.runs[mode]
+    firsts = [prompt_runs[0] for prompt_runs in runs]
+    tokens = sum(len(r.ids) for r in firsts)
+    passes = sum(r.passes for r in firsts)
+    row: dict[str, Any] = {
+        "precision": p.name, "mode": mode,
+        "tokens_per_second": statistics.fmean(statistics.median(len(r.ids) / r.seconds for r in prompt_runs)
+                                              for prompt_runs in runs),
+        "tokens_per_pass": tokens / passes if passes else None,
+        "new_tokens": tokens, "forward_passes": passes,
+        "stable": all(r.ids == prompt_runs[0].ids for prompt_runs in runs for r in prompt_runs),
+        "token_ids": [r.ids for r in firsts],
+    }
+    if reference is not None:
+        fractions = [agreement(r.ids, ref) for r, ref in zip(firsts, reference)]
+        row["agreement_prefix"] = statistics.fmean(fractions)
+        row["agreement_exact"] = sum(r.ids == ref for r, ref in zip(firsts, reference))
+    return row
+
+
+def build_report(precisions: list[Precision], prompt_ids: list[list[int]], settings: dict[str, Any]) -> dict[str, Any]:
+    from streamspec.runtime.folder import read_folder
+    from streamspec.runtime.memory import estimate_memory
+
+    fp32 = next((p for p in precisions if p.name == "fp32"), None)
+    reference = [prompt_runs[0].ids for prompt_runs in fp32.runs["ar"]] if fp32 else None
+    rows, summary = [], []
+    for p in precisions:
+        config = read_folder(p.folder)
+        estimate = estimate_memory(config, budget=p.engine.budget)
+        by_mode = {mode: summarize(p, mode, reference) for mode in MODES if mode in p.runs}
+        for row in by_mode.values():
+            rows.append(row)
+        spec, ar = by_mode.get("spec"), by_mode["ar"]
+        summary.append({
+            "precision": p.name, "folder": str(p.folder), "quantization": config.graph.get("quantization"),
+            "weights_bytes": estimate.weights, "kv_cache_bytes": estimate.kv_cache,
+            "activation_bytes_estimate": estimate.activations, "peak_rss_mib": p.peak_mib,
+            "speedup_spec_over_ar": spec["tokens_per_second"] / ar["tokens_per_second"] if spec else None,
+            # The promise that quantization must keep: same tokens in both modes.
+            "spec_equals_ar": None if spec is None else spec["token_ids"] == ar["token_ids"],
+        })
+    import onnxruntime as ort
+
+    return {"settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "onnxruntime": ort.__version__},
+            "method": __doc__.split("Method: ")[1].strip(),
+            "prompts": [len(ids) for ids in prompt_ids], "precisions": summary, "rows": rows}
+
+
+def render(report: dict[str, Any]):
+    from rich import box
+    from rich.table import Table
+
+    settings = report["settings"]
+    summary = {s["precision"]: s for s in report["precisions"]}
+    table = Table(title=f"Precision on CPU: {len(report['prompts'])} prompts, {settings['max_new_tokens']} new tokens "
+                        f"at most, {settings['threads']} threads, median of {settings['repeats']} repeats",
+                  caption="×AR: speculative tok/s over the same precision's autoregressive tok/s. agree: mean "
+                          "fraction of tokens before the first divergence from fp32 autoregressive greedy; same: "
+                          "prompts identical to it. spec=AR: the two modes of one precision give the same tokens "
+                          "(must hold). weights, KV (at max length) and peak RSS growth while loading and warming "
+                          "up, in MiB.",
+                  box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+    for column in ("precision", "mode", "tok/s", "×AR", "tok/pass", "agree", "same", "spec=AR", "weights", "KV",
+                   "peak"):
+        table.add_column(column, justify="left" if column in ("precision", "mode") else "right", no_wrap=True,
+                         min_width=len(column))
+    prompts = len(report["prompts"])
+    for row in report["rows"]:
+        s = summary[row["precision"]]
+        spec_row = row["mode"] == "spec"
+        same = s["spec_equals_ar"]
+        table.add_row(
+            row["precision"], "spec" if spec_row else "AR", f"{row['tokens_per_second']:.1f}",
+            _fmt(s["speedup_spec_over_ar"], "{:.2f}×") if spec_row else "1.00×",
+            _fmt(row["tokens_per_pass"], "{:.2f}"), _fmt(row.get("agreement_prefix"), "{:.0%}"),
+            "n/a" if row.get("agreement_exact") is None else f"{row['agreement_exact']}/{prompts}",
+            ("n/a" if same is None else "[green]yes[/]" if same else "[red]NO[/]"),
+            f"{s['weights_bytes'] / MIB:.1f}", f"{s['kv_cache_bytes'] / MIB:.1f}", _fmt(s["peak_rss_mib"], "{:.0f}"))
+    return table
+
+
+def _fmt(value: Optional[float], pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+# ------------------------------------------------------------------------------ main
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from rich.console import Console
+
+    from streamspec.tools.bench import _progress, load_prompts, tokenize_prompts
+
+    if args.repeats < 1 or args.max_new_tokens < 1:
+        raise StreamspecError("--repeats and --max-new-tokens must be at least 1.")
+    if args.threads < 1:
+        raise StreamspecError(f"--threads must be at least 1, got {args.threads}.")
+    console = Console(stderr=True, quiet=args.no_progress)
+    folders = resolve_folders(args.sources, args.precisions, Path(args.out_dir) if args.out_dir else None,
+                              args.block_size, args.max_length, args.force_export, args.quant_activations,
+                              console.log)
+    records = load_prompts(Path(args.prompts) if args.prompts else None, args.num_prompts)
+    prompt_ids = tokenize_prompts(next(iter(folders.values())), records)
+    precisions = [Precision(name, folder) for name, folder in folders.items()]
+    with _progress(not args.no_progress) as show:
+        for p in precisions:
+            show(f"loading {p.name}")
+            load(p, max(prompt_ids, key=len), args.max_new_tokens, args.threads, args.budget)
+        measure(precisions, prompt_ids, args.max_new_tokens, args.repeats, show)
+    settings = {"sources": list(args.sources), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+                "threads": args.threads, "budget": args.budget, "prompt_ids": [r.id for r in records]}
+    return build_report(precisions, prompt_ids, settings)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from rich.console import Console
+
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except StreamspecError as error:
+        print(f"bench_precision: {error}", file=sys.stderr)
+        return 1
+    try:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    except OSError as error:
+        print(f"bench_precision: the report cannot be written to {args.json} ({error.strerror}).", file=sys.stderr)
+        return 1
+    console = Console()
+    console.print(render(report))
+    broken = [s["precision"] for s in report["precisions"] if s["spec_equals_ar"] is False]
+    if broken:
+        console.print(f"[red]Speculative and autoregressive tokens differ for {', '.join(broken)}.[/]")
+    console.print(f"Wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
