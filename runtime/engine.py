@@ -31,6 +31,7 @@ from streamspec.errors import StreamspecError
 
 from .fallback import Fallback
 from .folder import read_folder
+from .memory import MemoryEstimate, fit_to_memory, parse_size
 from .sampling import SamplingParams
 from .session import StepSession
 from .tokenizer import TextStream, Tokenizer, first_stop
@@ -141,6 +142,9 @@ class Engine:
     where `streamspec tune` writes it when it pays). compaction: "auto", "host" or "graph" (see
     session.py; auto = host on CPU, graph on CUDA). profile: a file prefix that turns on
     ONNX Runtime's profiler (`engine.session.end_profiling()` returns the trace).
+    memory_budget: bytes or a size like "1.5G" for weights + KV cache + activations
+    (runtime/memory.py): the cache gets the most rows that fit (at most max_length), and
+    a folder that cannot fit is refused in one sentence; `engine.memory` holds the estimate.
     fallback: True (a default `Fallback`), a `Fallback` with other settings, or False:
     speculate always, even where it is slower than autoregressive decoding.
     `on_step`, when set, is called with a `StepRecord` after every decode step.
@@ -151,12 +155,16 @@ class Engine:
     def __init__(self, folder: Union[str, os.PathLike], provider: str = "auto", max_length: Optional[int] = None,
                  budget: Optional[int] = None, threads: Optional[int] = None, compaction: str = "auto",
                  profile: Optional[str] = None, fallback: Union[bool, Fallback] = True,
-                 lookup: Optional[int] = None):
+                 lookup: Optional[int] = None, memory_budget: Union[int, str, None] = None):
         self.config = read_folder(folder)
         self.budget = self.config.default_budget if budget is None else int(budget)
         self.lookup = self.config.default_lookup if lookup is None else int(lookup)
         if self.budget < 0 or self.lookup < 0:
             raise StreamspecError(f"The tree budget and lookup must be >= 0, got {self.budget} and {self.lookup}.")
+        self.memory: Optional[MemoryEstimate] = None
+        if memory_budget is not None:  # size the cache to the budget, or refuse in one sentence
+            self.memory = fit_to_memory(self.config, parse_size(memory_budget), max_length, self.budget)
+            max_length = self.memory.max_length
         self.session = StepSession(self.config, provider, max_length, threads, compaction, profile)
         self.tokenizer = Tokenizer(self.config)
         self.fallback: Optional[Fallback] = (fallback if isinstance(fallback, Fallback)

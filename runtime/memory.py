@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from streamspec.errors import StreamspecError
+
 from .folder import DeployConfig
 
 MIB = 1 << 20
@@ -104,3 +106,42 @@ def estimate_memory(config: DeployConfig, max_length: Optional[int] = None,
 
 def _mib(size: int) -> str:
     return f"{size / MIB:.1f} MiB" if size < 10 * MIB else f"{size / MIB:.0f} MiB"
+
+
+MIN_LENGTH = 64  # below this a deployment is of no use: refuse instead
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": MIB, "MB": MIB, "MIB": MIB,
+          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+
+
+def parse_size(value: "int | float | str") -> int:
+    """Bytes from 1500000000, "1.5G", "800MiB", "2 GB" (binary units)."""
+    text = str(value).strip().upper().replace(" ", "")
+    number = text.rstrip("KMGIB")
+    unit = text[len(number):]
+    try:
+        size = float(number)
+    except ValueError:
+        size = -1.0
+    if unit not in _UNITS or size <= 0:
+        raise StreamspecError(f"A memory size must be a positive number with an optional unit (e.g. 1.5G, 800M), "
+                              f"got {value!r}.")
+    return int(size * _UNITS[unit])
+
+
+def fit_to_memory(config: DeployConfig, memory_budget: int, max_length: Optional[int] = None,
+                  budget: Optional[int] = None) -> MemoryEstimate:
+    """The longest cache (at most `max_length`, default the exported maximum) whose
+    weights + KV cache + activations at the tree `budget` fit in `memory_budget` bytes;
+    one sentence when not even MIN_LENGTH tokens fit."""
+    longest = int(max_length or config.max_length)
+    fits = lambda length: estimate_memory(config, length, budget).total <= memory_budget  # noqa: E731
+    if not fits(min(MIN_LENGTH, longest)):
+        need = estimate_memory(config, min(MIN_LENGTH, longest), budget)
+        raise StreamspecError(
+            f"{config.folder} does not fit in {_mib(memory_budget)}: even {need.max_length} tokens need "
+            f"{need.summary()}; allow more memory, a smaller tree budget or a quantized export.")
+    low, high = min(MIN_LENGTH, longest), longest  # fits(low) holds; find the largest length that fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return estimate_memory(config, low, budget)

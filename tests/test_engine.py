@@ -97,6 +97,24 @@ def test_prompt_lookup_drafts_keep_greedy_exact(engines):
     assert looked_up > 0
 
 
+def test_memory_budget_sizes_the_cache_or_refuses(engines):
+    from streamspec.runtime.memory import estimate_memory, parse_size
+
+    _, folder = engines["llama"]
+    config = Engine(folder, provider="cpu").config
+    assert config.max_length > 80
+    fits_80 = estimate_memory(config, 80, 4).total
+    engine = Engine(folder, provider="cpu", budget=4, memory_budget=fits_80 + 1)
+    assert engine.max_length == 80 and engine.memory.total <= fits_80 + 1
+    assert engine.session.host_cache.shape[-2] == 80  # the cache really has 80 rows
+    assert Engine(folder, provider="cpu", budget=4, memory_budget="10G").max_length == config.max_length
+    with pytest.raises(StreamspecError, match="does not fit"):
+        Engine(folder, provider="cpu", budget=4, memory_budget=estimate_memory(config, 64, 4).total - 1)
+    with pytest.raises(StreamspecError, match="memory size"):
+        parse_size("lots")
+    assert parse_size("1.5G") == 3 << 29 and parse_size("800M") == 800 << 20
+
+
 def test_plain_base_model_generates_like_transformers(tiny_model_dir, tmp_path):
     folder = tiny_model_dir("qwen2")
     exported = export_tiny(build_model(folder), folder, tmp_path / "qwen2")

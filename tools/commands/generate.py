@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ONNX Runtime execution provider; auto picks CUDA when available")
     parser.add_argument("--max-length", type=int, default=None,
                         help="KV cache rows to allocate (default: the exported maximum)")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="memory for weights + KV cache + activations, e.g. 1.5G: the cache gets the most rows "
+                             "that fit, and a folder that cannot fit is refused")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
 
 
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from streamspec.runtime import Engine
 
     engine = Engine(args.folder, provider=args.provider, max_length=args.max_length, budget=args.budget,
-                    threads=args.threads, fallback=not args.no_fallback)
+                    threads=args.threads, fallback=not args.no_fallback,
+                    memory_budget=args.max_memory)
     prompt = args.prompt
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \

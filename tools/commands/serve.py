@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ONNX Runtime execution provider; auto picks CUDA when available")
     parser.add_argument("--max-length", type=int, default=None,
                         help="KV cache rows to allocate (default: the exported maximum)")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="memory for weights + KV cache + activations, e.g. 1.5G: the cache gets the most rows "
+                             "that fit, and a folder that cannot fit is refused")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's and the server's log level")
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from streamspec.runtime.server import ServerSettings, create_app
 
     engine = Engine(args.folder, provider=args.provider, max_length=args.max_length, budget=args.budget,
-                    threads=args.threads, fallback=not args.no_fallback)
+                    threads=args.threads, fallback=not args.no_fallback,
+                    memory_budget=args.max_memory)
     settings = ServerSettings(model_name=args.model_name or Path(args.folder).resolve().name,
                               max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                               max_queue=args.max_queue, api_key=api_key, speculative=not args.ar)
