@@ -67,6 +67,25 @@ def post_raw(url: str, body: bytes) -> tuple[int, dict]:
         return error.code, json.load(error)
 
 
+def announce_body(base_url: str, path: str, size: int) -> tuple[int, dict]:
+    """Send only the headers of a `size`-byte POST: the server must refuse on the
+    Content-Length alone (sending the body too races with the server closing early)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(base_url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    try:
+        connection.putrequest("POST", path)
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(size))
+        connection.endheaders()
+        answer = connection.getresponse()
+        return answer.status, json.load(answer)
+    finally:
+        connection.close()
+
+
 # ------------------------------------------------------------------------------ answers
 def test_chat_completion_streaming_equals_non_streaming(client, reference):
     expected = reference.generate(MESSAGES, max_new_tokens=24)
@@ -141,7 +160,7 @@ def test_errors_a_client_sees(client, server):
     assert status == 400 and body["error"]["message"].startswith("Invalid request (messages: Field required")
     status, body = post_raw(server.url + "/v1/chat/completions", b"{not json")
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
-    status, body = post_raw(server.url + "/v1/completions", b" " * (2 << 20))
+    status, body = announce_body(server.url, "/v1/completions", 2 << 20)
     assert status == 413 and "more than this server's limit" in body["error"]["message"]
     status, body = post_raw(server.url + "/v1/nowhere", b"{}")
     assert status == 404 and "error" in body

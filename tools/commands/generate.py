@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from streamspec.tools.commands.engine_options import add_engine_arguments, engine_from_args
+
 HELP = "Generate text with an exported folder on ONNX Runtime, streaming it as it is committed."
 
 
@@ -22,28 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
     parser.add_argument("--ar", action="store_true",
                         help="autoregressive: one token per forward pass, no draft tree (for comparison)")
-    parser.add_argument("--no-fallback", action="store_true",
-                        help="speculate even where measurements show it is slower than autoregressive decoding")
-    parser.add_argument("--budget", type=int, default=None,
-                        help="draft nodes per tree (default: the folder's streamspec.json)")
-    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="ONNX Runtime execution provider; auto picks CUDA when available")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="KV cache rows to allocate (default: the exported maximum)")
-    parser.add_argument("--max-memory", default=None, metavar="SIZE",
-                        help="memory for weights + KV cache + activations, e.g. 1.5G: the cache gets the most rows "
-                             "that fit, and a folder that cannot fit is refused")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from streamspec.runtime import Engine
-
-    engine = Engine(args.folder, provider=args.provider, max_length=args.max_length, budget=args.budget,
-                    threads=args.threads, fallback=not args.no_fallback,
-                    memory_budget=args.max_memory)
+    engine = engine_from_args(args)
     prompt = args.prompt
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from streamspec.errors import StreamspecError
+from streamspec.tools.commands.engine_options import add_engine_arguments, engine_from_args
 
 HELP = ("Serve an exported folder over HTTP with the OpenAI API (/v1/chat/completions, /v1/completions, "
         "/v1/models, /health); one model, requests queued and run one at a time.")
@@ -41,18 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the environment variable STREAMSPEC_API_KEY does the same and keeps the key out of "
                              "the process list")
     parser.add_argument("--ar", action="store_true", help="decode autoregressively, never speculate")
-    parser.add_argument("--no-fallback", action="store_true",
-                        help="speculate even where measurements show it is slower than autoregressive decoding")
-    parser.add_argument("--budget", type=int, default=None,
-                        help="draft nodes per tree (default: the folder's streamspec.json)")
-    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="ONNX Runtime execution provider; auto picks CUDA when available")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="KV cache rows to allocate (default: the exported maximum)")
-    parser.add_argument("--max-memory", default=None, metavar="SIZE",
-                        help="memory for weights + KV cache + activations, e.g. 1.5G: the cache gets the most rows "
-                             "that fit, and a folder that cannot fit is refused")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    add_engine_arguments(parser)
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's and the server's log level")
 
@@ -73,12 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from streamspec.runtime import Engine
     from streamspec.runtime.server import ServerSettings, create_app
 
-    engine = Engine(args.folder, provider=args.provider, max_length=args.max_length, budget=args.budget,
-                    threads=args.threads, fallback=not args.no_fallback,
-                    memory_budget=args.max_memory)
+    engine = engine_from_args(args)
     settings = ServerSettings(model_name=args.model_name or Path(args.folder).resolve().name,
                               max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                               max_queue=args.max_queue, api_key=api_key, speculative=not args.ar)
