@@ -44,6 +44,19 @@ def assert_tokens_match(tokens: Sequence[int], reference: Sequence[int],
         f"top-2 logits {logits[top2].tolist()} (relative gap {gap:.2e})")
 
 
+def oracle_tree(root: int, right: list[int], vocab: int = 128):
+    """root -> a wrong child (node 1), plus `right` (the true next tokens) as a chain
+    under the root at nodes 2.. : the accepted path skips node 1, so path[i] != i."""
+    from streamspec.runtime.tree import Tree
+
+    right = right or [0]
+    tokens = [root, (right[0] + 1) % vocab] + right
+    parents = [-1, 0, 0] + list(range(2, 2 + len(right) - 1))
+    depths = [0, 1] + list(range(1, len(right) + 1))
+    return Tree(np.array(tokens, np.int64), np.array(parents, np.int32), np.array(depths, np.int32),
+                np.ones(len(tokens), np.float32))
+
+
 def generate_with_oracle_trees(engine, prompt_ids: list[int], reference: Sequence[int],
                                max_new_tokens: int, monkeypatch) -> tuple[list[int], object]:
     """Greedy speculative generation whose trees hold the true continuation off the first branch.
@@ -53,20 +66,14 @@ def generate_with_oracle_trees(engine, prompt_ids: list[int], reference: Sequenc
     compaction moves rows every step. Returns (generated tokens, GenerationStats).
     """
     from streamspec.runtime import engine as engine_module
-    from streamspec.runtime.tree import Tree
 
     produced: list[int] = []
 
-    def oracle_tree(root, stream_ids, stream_probs, budget):
+    def planted(root, stream_ids, stream_probs, budget):
         start = len(produced)
-        right = list(reference[start:start + 3]) or [0]
-        tokens = [root, (right[0] + 1) % 128] + right
-        parents = [-1, 0, 0] + list(range(2, 2 + len(right) - 1))
-        depths = [0, 1] + list(range(1, len(right) + 1))
-        return Tree(np.array(tokens, np.int64), np.array(parents, np.int32), np.array(depths, np.int32),
-                    np.ones(len(tokens), np.float32))
+        return oracle_tree(root, list(reference[start:start + 3]))
 
-    monkeypatch.setattr(engine_module, "build_tree", oracle_tree)
+    monkeypatch.setattr(engine_module, "build_tree", planted)
     monkeypatch.setattr(engine, "fallback", None)  # every step speculates: the trees are the point
     stats = engine_module.GenerationStats()
     for ids in engine._tokens(prompt_ids, max_new_tokens, engine_module.SamplingParams(), True, True, stats):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import save_tiny_model
+from helpers import oracle_tree
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
 from streamspec.runtime.conversation import Conversation
@@ -51,18 +52,12 @@ def plant_oracle_trees(monkeypatch, engine: Engine, expected: list[int]) -> None
     `expected` (prompt + answer), located by the cache's row count: accepted paths with
     path[i] != i, so compaction moves rows every step."""
     from streamspec.runtime import engine as engine_module
-    from streamspec.runtime.tree import Tree
 
-    def oracle_tree(root, stream_ids, stream_probs, budget):
+    def planted(root, stream_ids, stream_probs, budget):
         past = engine.session.contents.rows  # the root's position
-        right = expected[past + 1:past + 4] or [0]
-        tokens = [root, (right[0] + 1) % 128] + right
-        parents = [-1, 0, 0] + list(range(2, 2 + len(right) - 1))
-        depths = [0, 1] + list(range(1, len(right) + 1))
-        return Tree(np.array(tokens, np.int64), np.array(parents, np.int32), np.array(depths, np.int32),
-                    np.ones(len(tokens), np.float32))
+        return oracle_tree(root, list(expected[past + 1:past + 4]))
 
-    monkeypatch.setattr(engine_module, "build_tree", oracle_tree)
+    monkeypatch.setattr(engine_module, "build_tree", planted)
 
 
 # ------------------------------------------------------------------------------ sessions
