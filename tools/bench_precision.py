@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from streamspec.errors import StreamspecError
+from streamspec.tools.bench import Run  # one record of a generation, shared with `streamspec bench`
 
 PRECISIONS = ("fp32", "int8", "int4")  # the default set; "+kv8" / "+kv4" adds a quantized KV cache
 KV_SUFFIXES = {"": "none", "kv8": "int8", "kv4": "int4"}  # "int4+kv8": int4 weights, int8 KV cache
@@ -169,13 +170,6 @@ def _matches(folder: Path, source: str, quantize: str, kv_dtype: str, block_size
 
 
 # ------------------------------------------------------------------------------ measuring
-@dataclass
-class Run:
-    ids: list[int]
-    passes: int
-    seconds: float
-
-
 @dataclass
 class Precision:
     name: str
