@@ -123,6 +123,8 @@ class StepRecord:
     committed: int  # tokens committed (accepted + correction, cut at EOS / max_new_tokens)
     cache_rows: int  # committed rows in the KV cache after the step
     seconds: dict[str, float]
+    lookup_nodes: int = 0  # tree nodes that prompt lookup added (the rest came from the streams)
+    lookup_accepted: int = 0  # accepted draft tokens that came from lookup
 
 
 @dataclass
@@ -362,7 +364,8 @@ class Engine:
                 draft = _draft(out, path[-1]) if drafting else None
                 stats.steps += 1
                 stats.accepted.append(len(path) - 1)
-                stats.lookup_tokens += sum(tree.source_of(node) == LOOKUP for node in path[1:])
+                looked_up = sum(tree.source_of(node) == LOOKUP for node in path[1:])
+                stats.lookup_tokens += looked_up
                 stats.tree_sizes.append(tree.size)
                 committed = _cut([int(t) for t in tree.tokens[path[1:]]] + [correction],
                                  max_new_tokens - produced, eos)
@@ -374,7 +377,7 @@ class Engine:
                     self._account_step(policy, speculate, compacted - step_start, len(path), stats)
                 if self.on_step is not None:
                     self._report_step(stats.steps, tree, len(path) - 1, len(committed), past,
-                                      (step_start, ran, accepted, compacted))
+                                      (step_start, ran, accepted, compacted), looked_up)
                 yield committed
                 correction = committed[-1]
         finally:
@@ -405,15 +408,16 @@ class Engine:
             stats.decisions.append(dict(step=stats.steps, **decision))
 
     def _report_step(self, step: int, tree: Tree, accepted: int, committed: int, past: int,
-                     marks: tuple[float, float, float, float]) -> None:
+                     marks: tuple[float, float, float, float], looked_up: int = 0) -> None:
         """Hand `on_step` the step's record; the session's own split covers the run."""
         step_start, ran, accepted_at, compacted = marks
         timing = self.session.last_timing
         run_total = timing.copy_in + timing.run + timing.copy_out
         seconds = dict(tree=max(ran - step_start - run_total, 0.0), copy_in=timing.copy_in, run=timing.run,
                        copy_out=timing.copy_out, accept=accepted_at - ran, compaction=compacted - accepted_at)
+        lookup_nodes = 0 if tree.sources is None else int((tree.sources == LOOKUP).sum())
         self.on_step(StepRecord(step, step_start, tree.size, int(tree.depths.max()), accepted, committed, past,
-                                seconds))
+                                seconds, lookup_nodes, looked_up))
 
     def _text(self, tokens: Iterator[list[int]], stops: list[str], stats: GenerationStats) -> Iterator[str]:
         """Decode committed tokens into text pieces, cut before the first stop string."""

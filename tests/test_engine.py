@@ -89,9 +89,13 @@ def test_prompt_lookup_drafts_keep_greedy_exact(engines):
         engine = Engine(folder, provider="cpu", fallback=False, **options)
         for prompt in PROMPTS:
             expected = plain.generate(prompt, max_new_tokens=60, speculative=False, ignore_eos=True).token_ids
+            records = []
+            engine.on_step = records.append
             result = engine.generate(prompt, max_new_tokens=60, ignore_eos=True)
             assert result.token_ids == expected
             looked_up += result.stats.lookup_tokens
+            assert sum(r.lookup_accepted for r in records) == result.stats.lookup_tokens
+            assert all(r.lookup_accepted <= min(r.lookup_nodes, r.accepted) for r in records)
             if options["budget"] == 0:  # lookup alone: no stream rows, so no stream drafts
                 assert result.stats.lookup_tokens == sum(result.stats.accepted)
     assert looked_up > 0
