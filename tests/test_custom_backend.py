@@ -54,8 +54,8 @@ def test_custom_folder_names_the_op(backends):
 
 @pytest.mark.parametrize("compaction", ["host", "graph"])
 def test_custom_greedy_equals_portable_and_transformers(backends, compaction):
-    custom = Engine(backends["custom"], provider="cpu", compaction=compaction, budget=6)
-    portable = Engine(backends["portable"], provider="cpu", compaction=compaction, budget=6)
+    custom = Engine(backends["custom"], provider="cpu", compaction=compaction, budget=6, fallback=False)
+    portable = Engine(backends["portable"], provider="cpu", compaction=compaction, budget=6, fallback=False)
     for prompt in PROMPTS:
         reference, logits = hf_greedy(backends["hf"], prompt, 40)
         for speculative in (False, True):
@@ -112,7 +112,7 @@ def test_custom_compaction_with_long_accepted_paths(backends, monkeypatch):
     prompt = PROMPTS[0]
     reference, logits = hf_greedy(backends["hf"], prompt, 30)
     for compaction in ("host", "graph"):
-        engine = Engine(backends["custom"], provider="cpu", compaction=compaction)
+        engine = Engine(backends["custom"], provider="cpu", compaction=compaction, fallback=False)
         pieces, stats = generate_with_oracle_trees(engine, engine.prompt_ids(prompt), reference, 30, monkeypatch)
         assert_tokens_match(pieces, reference, logits)
         assert len(pieces) == 30 and max(stats.accepted) >= 2

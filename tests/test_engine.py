@@ -140,7 +140,7 @@ def test_oracle_drafts_are_accepted_and_compacted(engines, monkeypatch):
     prompt = PROMPTS[0]
     reference, logits = hf_greedy(hf_folder, prompt, 30)
     for compaction in ("host", "graph"):
-        engine = Engine(folder, provider="cpu", compaction=compaction)
+        engine = Engine(folder, provider="cpu", compaction=compaction, fallback=False)
         pieces, _ = generate_with_oracle_trees(engine, engine.prompt_ids(prompt), reference, 30, monkeypatch)
         assert_tokens_match(pieces, reference, logits)
         assert len(pieces) == 30

@@ -53,7 +53,7 @@ def oracle_drafts(folders, monkeypatch):
     behind a wrong first child, so acceptance varies and compaction moves rows."""
     from streamspec.runtime import engine as engine_module
 
-    engine = Engine(folders["streams"], provider="cpu")
+    engine = Engine(folders["streams"], provider="cpu", fallback=False)
     reference = {tuple(p): engine.generate(p, max_new_tokens=NEW_TOKENS + 4, speculative=False,
                                            ignore_eos=True).token_ids for p in PROMPTS}
     state = dict(tokens=[], produced=1, depths=count())
