@@ -94,7 +94,7 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
                  force: bool = False, source: Optional[dict[str, str]] = None, base_dir: Optional[Path] = None,
                  progress: bool = True, quantize: str = "none", block_size: int = quantization.DEFAULT_BLOCK_SIZE,
                  quantize_head: bool = True, quant_activations: str = quantization.DEFAULT_ACTIVATIONS,
-                 kv_dtype: str = "none") -> Path:
+                 kv_dtype: str = "none", pruning: bool = False) -> Path:
     """Trace `model` into a deployable folder at `out_dir` and return its path.
 
     dtype: "fp32" or "fp16" weights, activations and KV cache. quantize: "none", "int8"
@@ -108,13 +108,18 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
     "portable" (GroupQueryAttention) or "custom" (streamspec.TreeAttention). budget:
     the runtime's default number of draft nodes. slim: run onnxslim on the graph.
     base_dir: the base model's folder, for its generation_config.json (end-of-sequence
-    ids), when the tokenizer folder lacks one.
+    ids), when the tokenizer folder lacks one. pruning: also write the step cut in two
+    (lower.onnx, upper.onnx; exporter/step.py) for tree pruning at run time.
     """
     out_dir = Path(out_dir).expanduser().resolve()
     tokenizer_dir = Path(tokenizer_dir)
     max_length = _check_options(model, tokenizer_dir, out_dir, dtype, max_length, candidates, backend, budget, force)
-    bits = quantization.check_quantization(quantize, block_size, quant_activations)
+    quantization.check_quantization(quantize, block_size, quant_activations)
     kv = kv_cache.check_kv_dtype(kv_dtype, backend)
+    if pruning and not model.num_streams:
+        raise StreamspecError("--pruning needs a model with streams (a checkpoint written by `streamspec train`).")
+    if pruning and kv:
+        raise StreamspecError("--pruning and --kv-dtype cannot be combined yet; export without one of them.")
     say = _reporter(progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -122,21 +127,17 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
         if dtype != "fp32":
             model = copy.deepcopy(model).to(DTYPES[dtype])
         say(f"Tracing the step graph ({backend} attention, {dtype})")
-        proto = trace(model, candidates, full_logits, backend)
-        if slim:
-            say("Simplifying the graph (onnxslim, fusions)")
-            proto = simplify(proto)
-        record = None
-        if bits:
-            say(f"Quantizing the weights to {quantize} (MatMulNBits, blocks of {block_size})")
-            proto, record = quantization.quantize_weights(proto, quantize, block_size, model.config.vocab_size,
-                                                          quantize_head, quant_activations)
-        say(f"Writing {out_dir.name}")
-        external = _save(proto, tmp)
-        names = _io_names(proto)
-        config = deploy_config(model, dtype, max_length, candidates, full_logits, backend, budget, external, names,
+        graph = _write_graph(model, "step", tmp, candidates, full_logits, backend, slim, say, quantize, block_size,
+                             quantize_head, quant_activations)
+        parts = {}
+        for part in ("lower", "upper") if pruning else ():
+            say(f"Tracing the {part} part of the step for tree pruning")
+            parts[part] = _write_graph(model, part, tmp, candidates, full_logits, backend, slim, say, quantize,
+                                       block_size, quantize_head, quant_activations)
+        config = deploy_config(model, dtype, max_length, candidates, full_logits, backend, budget, graph,
                                source or {"kind": "model", "name": type(model).__name__})
-        config["graph"]["quantization"] = record
+        if parts:
+            config["graph"]["parts"] = parts
         config["graph"]["kv_dtype"] = None  # the cache has the graph's dtype unless --kv-dtype says otherwise
         config["tokenizer"] = copy_tokenizer(tokenizer_dir, tmp)
         config["tokens"] = token_ids(model, [tokenizer_dir] + ([Path(base_dir)] if base_dir else []))
@@ -154,22 +155,42 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
 
 
 # -------------------------------------------------------------------------- steps
-def trace(model: Transformer, candidates: int, full_logits: bool, backend: str):
-    """The step graph as an ONNX ModelProto (torch.onnx dynamo export)."""
+def _write_graph(model: Transformer, part: str, folder: Path, candidates: int, full_logits: bool, backend: str,
+                 slim: bool, say, quantize: str, block_size: int, quantize_head: bool,
+                 quant_activations: str) -> dict[str, Any]:
+    """Trace, simplify, quantize and save the step graph or one of its parts; returns its
+    entry of streamspec.json's `graph` (file, external data, names, quantization)."""
+    proto = trace(model, candidates, full_logits, backend, part)
+    if slim:
+        say("Simplifying the graph (onnxslim, fusions)")
+        proto = simplify(proto)
+    record = None
+    if quantize != "none":
+        say(f"Quantizing the weights to {quantize} (MatMulNBits, blocks of {block_size})")
+        proto, record = quantization.quantize_weights(proto, quantize, block_size, model.config.vocab_size,
+                                                      quantize_head, quant_activations)
+    name = MODEL_FILE if part == "step" else f"{part}.onnx"
+    external = _save(proto, folder, name)
+    first, last = step.part_layers(model, part)
+    return {"file": name, "external_data": external, "quantization": record, **_io_names(proto),
+            "cache_inputs": step.cache_names(last, first=first), "cache_outputs": step.cache_names(last, "_out", first)}
+
+
+def trace(model: Transformer, candidates: int, full_logits: bool, backend: str, part: str = "step"):
+    """The step graph, or its "lower" / "upper" part (step.py), as an ONNX ModelProto
+    (torch.onnx dynamo export)."""
     attention = BACKENDS[backend]
     attention.register_schema()
-    graph = step.StepGraph(model.eval(), candidates, full_logits).eval()
-    num_layers = model.config.num_layers
+    graph = step.PARTS[part](model.eval(), candidates, full_logits).eval()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            graph, step.example_inputs(model, TRACE_CACHE_LENGTH), dynamo=True,
-            dynamic_shapes=step.dynamic_shapes(model),
-            input_names=list(step.STEP_INPUTS) + step.cache_names(num_layers),
-            output_names=step.output_names(model, full_logits),
+            graph, step.example_inputs(model, TRACE_CACHE_LENGTH, part), dynamo=True,
+            dynamic_shapes=step.dynamic_shapes(model, part), input_names=step.input_names(model, part),
+            output_names=step.output_names(model, full_logits, part),
             custom_translation_table={torch.ops.streamspec.tree_attention.default: attention.tree_attention,
                                       torch.ops.streamspec.sample_tokens.default: sampler.sample_tokens})
     quiet.setLevel(level)
@@ -208,14 +229,16 @@ def simplify(proto):
     return proto
 
 
-def _save(proto, folder: Path) -> Optional[str]:
-    """Write model.onnx; weights go to model.onnx.data when large. Returns that name or None."""
+def _save(proto, folder: Path, name: str = MODEL_FILE) -> Optional[str]:
+    """Write the graph file `name`; weights go to `name`.data when large. Returns that
+    data file's name or None."""
     import onnx
 
     external = proto.ByteSize() > EXTERNAL_DATA_BYTES if _fits_protobuf(proto) else True
-    onnx.save_model(proto, str(folder / MODEL_FILE), save_as_external_data=external,
-                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
-    return DATA_FILE if external else None
+    data = name + ".data"
+    onnx.save_model(proto, str(folder / name), save_as_external_data=external,
+                    all_tensors_to_one_file=True, location=data, size_threshold=1024)
+    return data if external else None
 
 
 def _fits_protobuf(proto) -> bool:
@@ -230,12 +253,10 @@ def _io_names(proto) -> dict[str, list[str]]:
 
 
 def deploy_config(model: Transformer, dtype: str, max_length: int, candidates: int, full_logits: bool,
-                  backend: str, budget: int, external: Optional[str], names: dict[str, list[str]],
-                  source: dict[str, str]) -> dict[str, Any]:
+                  backend: str, budget: int, graph: dict[str, Any], source: dict[str, str]) -> dict[str, Any]:
     """streamspec.json without the tokenizer and token sections."""
     cfg = model.config
     streams = model.streams
-    num_layers = cfg.num_layers
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -249,10 +270,8 @@ def deploy_config(model: Transformer, dtype: str, max_length: int, candidates: i
                       "op": "com.microsoft.GroupQueryAttention" if backend == "portable"
                       else f"{custom.DOMAIN}.{custom.OP_TYPE}",
                       "stream_nodes": "all" if backend == "custom" else "any"},
-        "graph": {"file": MODEL_FILE, "external_data": external, "dtype": dtype,
-                  "candidates": min(candidates, cfg.vocab_size), "full_logits": full_logits,
-                  "max_length": max_length, "inputs": names["inputs"], "outputs": names["outputs"],
-                  "cache_inputs": step.cache_names(num_layers), "cache_outputs": step.cache_names(num_layers, "_out")},
+        "graph": {**graph, "dtype": dtype, "candidates": min(candidates, cfg.vocab_size), "full_logits": full_logits,
+                  "max_length": max_length},
         "tree": {"budget": budget},
         "source": source,
     }

@@ -37,6 +37,22 @@ only that node's γ stream rows through the LM head: the draft node is the deepe
 stream node whose ancestors' choices all equal their child's token on its path. Nodes
 whose parent has no output (a prompt's) count as accepted, so a prefill drafts from
 its last token. The engine checks that `draft_node` is the end of its own path.
+
+Tree pruning (DESIGN.md) needs the host between the lower and the upper layers, so a
+folder exported with pruning also holds the step cut in two graphs that share the KV
+cache buffers (layers [0, m) and [m, L), m = the first MSA layer):
+
+    lower.onnx   input_ids, positions, tree_mask, tree_parent, past_length, compact_src
+                 + exit_parents [P] (nodes whose early-exit distribution is needed),
+                 exit_nodes [E] (nodes to score), exit_rows [E] (their parent's index in
+                 exit_parents) -> hidden [N, D] at the insertion layer, exit_scores [E]:
+                 the probability of node e's token under its parent's early-exit
+                 distribution, and the lower layers' caches
+    upper.onnx   hidden [N, D] and kept_nodes [K] (the nodes that survive pruning), then
+                 the step inputs of the K kept nodes (tree re-indexed) -> the step outputs
+
+The lower layers write rows for all N nodes, the upper layers for the K kept ones; the
+engine compacts each group with its own indices (runtime/session.py).
 """
 
 from __future__ import annotations
@@ -55,18 +71,30 @@ STEP_INPUTS = ("input_ids", "positions", "tree_mask", "tree_parent", "past_lengt
                "uniform")
 
 
-def cache_names(num_layers: int, suffix: str = "") -> list[str]:
-    """["key_cache.0", "value_cache.0", ...] (suffix "_out" for the outputs)."""
-    return [f"{kind}_cache{suffix}.{i}" for i in range(num_layers) for kind in ("key", "value")]
+LOWER_INPUTS = ("input_ids", "positions", "tree_mask", "tree_parent", "past_length", "compact_src", "exit_parents",
+                "exit_nodes", "exit_rows")
+UPPER_INPUTS = ("hidden", "kept_nodes") + tuple(n for n in STEP_INPUTS if n != "exit_nodes")
 
 
-def output_names(model: Transformer, full_logits: bool) -> list[str]:
+def cache_names(num_layers: int, suffix: str = "", first: int = 0) -> list[str]:
+    """["key_cache.0", "value_cache.0", ...] for layers [first, num_layers) (suffix "_out"
+    for the outputs)."""
+    return [f"{kind}_cache{suffix}.{i}" for i in range(first, num_layers) for kind in ("key", "value")]
+
+
+def output_names(model: Transformer, full_logits: bool, part: str = "step") -> list[str]:
+    """The outputs of the whole step graph ("step") or of its "lower" / "upper" part."""
+    first, last = part_layers(model, part)
+    if part == "lower":
+        return ["hidden", "exit_scores"] + cache_names(last, "_out")
     names = ["main_ids", "main_probs", "sampled_ids"]
     if model.num_streams:
-        names += ["draft_node", "stream_ids", "stream_probs", "exit_ids", "exit_probs"]
+        names += ["draft_node", "stream_ids", "stream_probs"]
+        if part == "step":
+            names += ["exit_ids", "exit_probs"]
     if full_logits:
         names.append("logits")
-    return names + cache_names(model.config.num_layers, "_out")
+    return names + cache_names(last, "_out", first)
 
 
 class GraphAttention:
@@ -76,11 +104,12 @@ class GraphAttention:
     """
 
     def __init__(self, caches: list[torch.Tensor], step: dict[str, torch.Tensor], msa_start: int,
-                 num_streams: int):
-        self.caches = caches
+                 num_streams: int, first_layer: int = 0):
+        self.caches = caches  # layers [first_layer, first_layer + len(caches) / 2)
         self.step = step
         self.msa_start = msa_start
         self.num_streams = num_streams
+        self.first_layer = first_layer
         self.present: list[Optional[torch.Tensor]] = [None] * len(caches)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -88,7 +117,8 @@ class GraphAttention:
         """q [1, H, R, D], k, v [1, KV, R, D] -> [1, H, R, D]."""
         _, heads, rows, dim = q.shape
         kv_heads = k.shape[1]
-        key_cache, value_cache = self.caches[2 * layer], self.caches[2 * layer + 1]
+        index = 2 * (layer - self.first_layer)
+        key_cache, value_cache = self.caches[index], self.caches[index + 1]
         # RoPE tables are float32, so a float16 model's q and k arrive as float32.
         as_rows = lambda t, h: t.transpose(1, 2).reshape(1, rows, h * dim).to(key_cache.dtype)  # noqa: E731
         s = self.step
@@ -96,7 +126,7 @@ class GraphAttention:
             as_rows(q, heads), as_rows(k, kv_heads), as_rows(v, kv_heads), key_cache, value_cache,
             s["past_length"], s["tree_mask"], s["tree_parent"], s["stream_nodes"], s["compact_src"],
             heads, kv_heads, float(scale), self.num_streams if layer >= self.msa_start else 0)
-        self.present[2 * layer], self.present[2 * layer + 1] = key_out, value_out
+        self.present[index], self.present[index + 1] = key_out, value_out
         return out.reshape(1, rows, heads, dim).transpose(1, 2).to(v.dtype)
 
 
@@ -145,7 +175,7 @@ class StepGraph(nn.Module):
 
         stream_rows [L*γ, D]; choice [O]: the token the main stream picks at each output node.
         """
-        n, g = input_ids.shape[0], self.model.num_streams
+        g = self.model.num_streams
         node_choice = torch.full_like(input_ids, -1).index_put((output_nodes,), choice)  # [N]
         parent = tree_parent.long()
         parent_choice = node_choice[parent.clamp(min=0)]
@@ -159,6 +189,24 @@ class StepGraph(nn.Module):
         nodes = torch.cat([stream_nodes, stream_nodes.new_full((1,), -1)])
         return nodes[pick].reshape(1), rows[pick]
 
+    def _outputs(self, hidden, x, input_ids, positions, tree_mask, tree_parent, stream_nodes, output_nodes,
+                 sample_rows, temperature, top_k, top_p, uniform) -> list[torch.Tensor]:
+        """The step's outputs (without the caches) from the last layer's rows x [1, R, D]."""
+        model = self.model
+        main_logits = model.head(x[:, output_nodes])[0].float()  # [O, V]
+        main_ids, main_probs = self._top(main_logits)
+        sampled = torch.ops.streamspec.sample_tokens(main_logits[sample_rows], temperature, top_k, top_p, uniform)
+        outputs = [main_ids, main_probs, sampled]
+        if model.num_streams:
+            choice = main_ids[:, 0].index_put((sample_rows,), sampled)  # [O]
+            draft_node, draft_rows = self._draft(x[0, hidden.shape[1]:], input_ids, positions, tree_mask, tree_parent,
+                                                 stream_nodes, output_nodes, choice)
+            stream_logits = model.head(draft_rows[None])[0].float()  # [γ, V]
+            outputs += [draft_node, *self._top(stream_logits)]
+        if self.full_logits:
+            outputs.append(main_logits)
+        return outputs
+
     def forward(self, input_ids, positions, tree_mask, tree_parent, past_length, compact_src, stream_nodes,
                 output_nodes, sample_rows, exit_nodes, temperature, top_k, top_p, uniform,
                 caches: list[torch.Tensor]):
@@ -169,47 +217,100 @@ class StepGraph(nn.Module):
         tokens, rows = input_ids[None], positions[None]
         hidden = model.lower(tokens, rows, attention)
         x = self._upper(hidden, rows, attention, stream_nodes, output_nodes)
-        n = hidden.shape[1]
-        main_logits = model.head(x[:, output_nodes])[0].float()  # [O, V]
-        main_ids, main_probs = self._top(main_logits)
-        sampled = torch.ops.streamspec.sample_tokens(main_logits[sample_rows], temperature, top_k, top_p, uniform)
-        outputs = [main_ids, main_probs, sampled]
+        outputs = self._outputs(hidden, x, input_ids, positions, tree_mask, tree_parent, stream_nodes, output_nodes,
+                                sample_rows, temperature, top_k, top_p, uniform)
         if model.num_streams:
-            choice = main_ids[:, 0].index_put((sample_rows,), sampled)  # [O]
-            draft_node, draft_rows = self._draft(x[0, n:], input_ids, positions, tree_mask, tree_parent,
-                                                 stream_nodes, output_nodes, choice)
-            stream_logits = model.head(draft_rows[None])[0].float()  # [γ, V]
-            outputs.append(draft_node)
             exit_logits = model.exit_head(hidden[:, exit_nodes])[0].float()
-            outputs += [*self._top(stream_logits), *self._top(exit_logits)]
-        if self.full_logits:
-            outputs.append(main_logits)
+            outputs[6:6] = self._top(exit_logits)  # after stream_ids, stream_probs
         return tuple(outputs + attention.present)
 
 
-def example_inputs(model: Transformer, cache_length: int) -> tuple:
+class LowerGraph(StepGraph):
+    """The layers below the MSA layers and the early-exit scores (lower.onnx)."""
+
+    def forward(self, input_ids, positions, tree_mask, tree_parent, past_length, compact_src, exit_parents,
+                exit_nodes, exit_rows, caches: list[torch.Tensor]):
+        model = self.model
+        step = dict(past_length=past_length, tree_mask=tree_mask, tree_parent=tree_parent,
+                    stream_nodes=exit_nodes[:0], compact_src=compact_src)
+        attention = GraphAttention(caches, step, model.msa_start, model.num_streams)
+        hidden = model.lower(input_ids[None], positions[None], attention)  # [1, N, D]
+        # One exit-head row per parent (siblings share it): [P, V] -> log-probabilities.
+        exit_logprobs = torch.log_softmax(model.exit_head(hidden[:, exit_parents])[0].float(), dim=-1)
+        scores = exit_logprobs[exit_rows, input_ids[exit_nodes]].exp()  # [E]
+        return (hidden[0], scores, *attention.present)
+
+
+class UpperGraph(StepGraph):
+    """The MSA layers and the heads over the kept nodes' hidden rows (upper.onnx)."""
+
+    def forward(self, hidden, kept_nodes, input_ids, positions, tree_mask, tree_parent, past_length, compact_src,
+                stream_nodes, output_nodes, sample_rows, temperature, top_k, top_p, uniform,
+                caches: list[torch.Tensor]):
+        model = self.model
+        step = dict(past_length=past_length, tree_mask=tree_mask, tree_parent=tree_parent,
+                    stream_nodes=stream_nodes, compact_src=compact_src)
+        attention = GraphAttention(caches, step, model.msa_start, model.num_streams, first_layer=model.msa_start)
+        kept = hidden[kept_nodes][None]  # [1, K, D]
+        x = self._upper(kept, positions[None], attention, stream_nodes, output_nodes)
+        outputs = self._outputs(kept, x, input_ids, positions, tree_mask, tree_parent, stream_nodes, output_nodes,
+                                sample_rows, temperature, top_k, top_p, uniform)
+        return tuple(outputs + attention.present)
+
+
+PARTS = {"step": StepGraph, "lower": LowerGraph, "upper": UpperGraph}
+
+
+def part_layers(model: Transformer, part: str = "step") -> tuple[int, int]:
+    """The layers [first, last) whose caches the step graph or its part holds."""
+    return {"step": (0, model.config.num_layers), "lower": (0, model.msa_start),
+            "upper": (model.msa_start, model.config.num_layers)}[part]
+
+
+def input_names(model: Transformer, part: str = "step") -> list[str]:
+    first, last = part_layers(model, part)
+    names = {"step": STEP_INPUTS, "lower": LOWER_INPUTS, "upper": UPPER_INPUTS}[part]
+    return list(names) + cache_names(last, first=first)
+
+
+def example_inputs(model: Transformer, cache_length: int, part: str = "step") -> tuple:
     """Inputs for tracing. Every dynamic size is >= 2 and distinct, so that
     `torch.export` specialises none of them (it does so for sizes 0 and 1)."""
-    n, m, l, o, s, e = 5, 2, 3, 4, 6, 7
+    n, l, o, s, e = 5, 3, 4, 6, 7  # nodes, stream nodes, output nodes, sample rows, exit nodes
     cfg = model.config
     dtype = next(model.parameters()).dtype
-    tree_mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    first, last = part_layers(model, part)
     caches = [torch.zeros(1, cfg.num_kv_heads, cache_length, cfg.head_dim, dtype=dtype)
-              for _ in range(2 * cfg.num_layers)]
-    return (torch.arange(n, dtype=torch.int64) + 10, torch.arange(n, dtype=torch.int64) + 10, tree_mask,
-            torch.arange(-1, n - 1, dtype=torch.int32), torch.tensor([10]), torch.tensor([11, 12]),
-            torch.arange(l, dtype=torch.int64), torch.arange(o, dtype=torch.int64), torch.arange(s) % o,
-            torch.arange(e) % n, torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]), torch.full((s,), 0.5),
-            caches)
+              for _ in range(2 * (last - first))]
+    tree = (torch.arange(n, dtype=torch.int64) + 10, torch.arange(n, dtype=torch.int64) + 10,
+            torch.tril(torch.ones(n, n, dtype=torch.bool)), torch.arange(-1, n - 1, dtype=torch.int32),
+            torch.tensor([10]), torch.tensor([11, 12]))
+    sampling = (torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]), torch.full((s,), 0.5))
+    selection = (torch.arange(l, dtype=torch.int64), torch.arange(o, dtype=torch.int64), torch.arange(s) % o)
+    if part == "lower":  # 3 parents, 4 scored nodes
+        return (*tree, torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 2]), caches)
+    if part == "upper":  # 8 hidden rows from the lower graph, n of them kept
+        hidden = torch.zeros(n + 3, cfg.hidden_size, dtype=dtype)
+        return (hidden, torch.arange(n, dtype=torch.int64) + 2, *tree, *selection, *sampling, caches)
+    return (*tree, *selection, torch.arange(e) % n, *sampling, caches)
 
 
-def dynamic_shapes(model: Transformer) -> tuple:
+def dynamic_shapes(model: Transformer, part: str = "step") -> tuple:
     """torch.export dynamic dimensions matching `example_inputs`."""
     dim = torch.export.Dim
     n, m = dim("nodes", min=1, max=1 << 16), dim("compacted", min=0, max=1 << 10)
     l, o = dim("stream_nodes", min=0, max=1 << 16), dim("output_nodes", min=1, max=1 << 16)
     s, e = dim("sample_rows", min=0, max=1 << 16), dim("exit_nodes", min=0, max=1 << 16)
     c = dim("cache_length", min=16, max=1 << 20)
-    cache = [{2: c} for _ in range(2 * model.config.num_layers)]
-    return ({0: n}, {0: n}, {0: n, 1: n}, {0: n}, None, {0: m}, {0: l}, {0: o}, {0: s}, {0: e}, None, None, None,
-            {0: s}, cache)
+    first, last = part_layers(model, part)
+    cache = [{2: c} for _ in range(2 * (last - first))]
+    tree = ({0: n}, {0: n}, {0: n, 1: n}, {0: n}, None, {0: m})
+    sampling = (None, None, None, {0: s})
+    selection = ({0: l}, {0: o}, {0: s})
+    if part == "lower":
+        p = dim("exit_parents", min=0, max=1 << 16)
+        return (*tree, {0: p}, {0: e}, {0: e}, cache)
+    if part == "upper":
+        rows = dim("hidden_rows", min=1, max=1 << 16)
+        return ({0: rows}, {0: n}, *tree, *selection, *sampling, cache)
+    return (*tree, *selection, {0: e}, *sampling, cache)

@@ -16,6 +16,12 @@ Generation may start from rows already in the KV cache (`reuse_cache=True`, and
 cache holds run, as a chain on top of those rows. A `Fallback` policy (fallback.py)
 measures speculative against autoregressive steps as the engine runs and decodes
 autoregressively while speculation does not pay.
+
+Tree pruning (`prune` > 0, a folder exported with --pruning): each step runs the lower
+layers over the whole tree, drops the drafts that neither the streams nor the
+early-exit head vouch for (`tree.prune`), and runs the upper layers, where each node
+costs 1 + γ rows, over the rest. Exactness is untouched: pruning only removes
+candidates, and the walk still follows the model's own choice at every node.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from .memory import MemoryEstimate, fit_to_memory, parse_size
 from .sampling import SamplingParams
 from .session import StepSession
 from .tokenizer import TextStream, Tokenizer, first_stop
-from .tree import LOOKUP, Tree, accept, add_branch, build_tree, chain_tree, lookup_draft, single_node_tree
+from .tree import (LOOKUP, Tree, accept, add_branch, build_tree, chain_tree, lookup_draft, nodes_to_score, prune,
+                   single_node_tree)
 
 if TYPE_CHECKING:
     from .conversation import Conversation
@@ -56,7 +63,8 @@ class GenerationStats:
     speculative: bool = False
     steps: int = 0  # forward passes after the prefill
     accepted: list[int] = field(default_factory=list)  # draft tokens accepted per step
-    tree_sizes: list[int] = field(default_factory=list)  # nodes per step
+    tree_sizes: list[int] = field(default_factory=list)  # nodes per step (after pruning)
+    drafted_sizes: list[int] = field(default_factory=list)  # nodes per step before pruning
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     model_seconds: float = 0.0  # inside onnxruntime (prefill included)
@@ -125,6 +133,7 @@ class StepRecord:
     seconds: dict[str, float]
     lookup_nodes: int = 0  # tree nodes that prompt lookup added (the rest came from the streams)
     lookup_accepted: int = 0  # accepted draft tokens that came from lookup
+    drafted_nodes: int = 0  # tree nodes before pruning (tree_nodes: after)
 
 
 @dataclass
@@ -148,7 +157,10 @@ class Engine:
     (runtime/memory.py): the cache gets the most rows that fit (at most max_length), and
     a folder that cannot fit is refused in one sentence; `engine.memory` holds the estimate.
     fallback: True (a default `Fallback`), a `Fallback` with other settings, or False:
-    speculate always, even where it is slower than autoregressive decoding.
+    speculate always, even where it is slower than autoregressive decoding. prune: the
+    tree-pruning threshold in (0, 1) (default from streamspec.json, where `streamspec
+    tune` writes it when it pays; 0: off); needs a folder exported with --pruning and host
+    compaction.
     `on_step`, when set, is called with a `StepRecord` after every decode step.
 
     One engine runs one generation at a time (one KV cache); a server queues requests.
@@ -157,17 +169,22 @@ class Engine:
     def __init__(self, folder: Union[str, os.PathLike], provider: str = "auto", max_length: Optional[int] = None,
                  budget: Optional[int] = None, threads: Optional[int] = None, compaction: str = "auto",
                  profile: Optional[str] = None, fallback: Union[bool, Fallback] = True,
-                 lookup: Optional[int] = None, memory_budget: Union[int, str, None] = None):
+                 lookup: Optional[int] = None, memory_budget: Union[int, str, None] = None,
+                 prune: Optional[float] = None):
         self.config = read_folder(folder)
         self.budget = self.config.default_budget if budget is None else int(budget)
         self.lookup = self.config.default_lookup if lookup is None else int(lookup)
+        self.prune = self.config.default_prune if prune is None else float(prune)
         if self.budget < 0 or self.lookup < 0:
             raise StreamspecError(f"The tree budget and lookup must be >= 0, got {self.budget} and {self.lookup}.")
+        if not 0.0 <= self.prune < 1.0:
+            raise StreamspecError(f"The pruning threshold must be in [0, 1), got {self.prune}.")
         self.memory: Optional[MemoryEstimate] = None
         if memory_budget is not None:  # size the cache to the budget, or refuse in one sentence
             self.memory = fit_to_memory(self.config, parse_size(memory_budget), max_length, self.budget)
             max_length = self.memory.max_length
-        self.session = StepSession(self.config, provider, max_length, threads, compaction, profile)
+        self.session = StepSession(self.config, provider, max_length, threads, compaction, profile,
+                                   split=self.prune > 0)
         self.tokenizer = Tokenizer(self.config)
         self.fallback: Optional[Fallback] = (fallback if isinstance(fallback, Fallback)
                                              else Fallback() if fallback else None)
@@ -271,6 +288,17 @@ class Engine:
              stats: GenerationStats, tree_mask: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
         """One forward pass. `sampling` None: greedy, the graph samples nothing; else it
         samples every output node, with uniform [O] (one number in [0, 1) per node)."""
+        feeds = self._feeds(tree, past, compact_src, stream_nodes, output_nodes, sampling, uniform, tree_mask)
+        start = time.perf_counter()
+        out = self.session.run(feeds)
+        stats.model_seconds += time.perf_counter() - start
+        return out
+
+    @staticmethod
+    def _feeds(tree: Tree, past: int, compact_src: np.ndarray, stream_nodes: np.ndarray, output_nodes: np.ndarray,
+               sampling: Optional[dict[str, np.ndarray]], uniform: np.ndarray,
+               tree_mask: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+        """The step inputs for `tree` (see `_run`)."""
         sample_rows = np.arange(len(output_nodes), dtype=np.int64) if sampling else _NO_ROWS
         feeds = dict(sampling or _GREEDY)
         feeds.update(
@@ -279,10 +307,31 @@ class Engine:
             tree_parent=tree.parents.astype(np.int32), past_length=np.array([past], dtype=np.int64),
             compact_src=compact_src, stream_nodes=stream_nodes, output_nodes=output_nodes, sample_rows=sample_rows,
             exit_nodes=_NO_ROWS, uniform=uniform if sampling else _NO_UNIFORMS)
+        return feeds
+
+    def _pruned_step(self, tree: Tree, past: int, drafting: bool, sampling: Optional[dict[str, np.ndarray]],
+                     uniform_at: Callable[[np.ndarray], np.ndarray],
+                     stats: GenerationStats) -> tuple[Tree, np.ndarray, dict[str, np.ndarray]]:
+        """One step with tree pruning (host compaction, so nothing to compact in-graph):
+        the lower layers over `tree`, pruning, the upper layers over the kept nodes.
+        Returns (the kept tree, its nodes' indices in `tree` [K], the step's outputs)."""
+        scored = nodes_to_score(tree, self.prune)
+        exit_parents, exit_rows = np.unique(tree.parents[scored], return_inverse=True)
+        feeds = self._feeds(tree, past, _NO_ROWS, _NO_ROWS, _NO_ROWS, None, _NO_UNIFORMS)
+        feeds.update(exit_parents=exit_parents.astype(np.int64), exit_nodes=scored,
+                     exit_rows=exit_rows.reshape(-1).astype(np.int64))
         start = time.perf_counter()
-        out = self.session.run(feeds)
-        stats.model_seconds += time.perf_counter() - start
-        return out
+        lower = self.session.run_lower(feeds)
+        lower_seconds = time.perf_counter() - start
+        kept = prune(tree, scored, lower["exit_scores"], self.prune)
+        small = tree.select(kept)
+        nodes = np.arange(small.size, dtype=np.int64)
+        feeds = self._feeds(small, past, _NO_ROWS, self._stream_nodes(small.size, drafting), nodes, sampling,
+                            uniform_at(small.depths))
+        start = time.perf_counter()
+        out = self.session.run_upper(feeds, lower["hidden"], kept, add_timing=True)
+        stats.model_seconds += lower_seconds + time.perf_counter() - start
+        return small, kept, out
 
     def _stream_nodes(self, nodes: int, drafting: bool) -> np.ndarray:
         """The nodes that get stream rows: all when drafting (or when the custom op's row
@@ -343,21 +392,27 @@ class Engine:
                 speculate = (speculative and (self.budget > 0 or self.lookup > 0)
                              and (policy is None or policy.speculate()))
                 tree = self._tree(correction, draft if speculate else None, history if speculate else None, room)
+                drafted = tree.size
                 # Streams for the next step's tree (none when the budget takes no stream drafts).
                 drafting = speculate and self.budget > 0 and room >= tree.size * (1 + g)
-                nodes = np.arange(tree.size, dtype=np.int64)
                 contents.keep(past - len(pending))
-                out = self._run(tree, past, pending, self._stream_nodes(tree.size, drafting), nodes, sampling,
-                                uniforms.at(produced + tree.depths), stats)
+                kept = None  # pruning: the kept nodes' indices in the drafted tree
+                if self.prune > 0 and tree.size > 1:
+                    tree, kept, out = self._pruned_step(tree, past, drafting, sampling,
+                                                        lambda depths: uniforms.at(produced + depths), stats)
+                else:
+                    out = self._run(tree, past, pending, self._stream_nodes(tree.size, drafting),
+                                    np.arange(tree.size, dtype=np.int64), sampling, uniforms.at(produced + tree.depths),
+                                    stats)
                 ran = time.perf_counter()
                 path, correction = accept(tree, lambda node: choose(out, node))
                 accepted = time.perf_counter()
-                # Rows past + path[i] move to past + i; a leading run with path[i] == i stays.
-                moved = next((i for i, node in enumerate(path) if node != i), len(path))
+                # Rows past + path[i] move to past + i (the lower layers' rows of a pruned
+                # tree sit at its drafted indices); a leading run with path[i] == i stays.
                 if host_compaction:
-                    if moved < len(path):
-                        self.session.compact_on_host(past + moved, [node - moved for node in path[moved:]])
+                    self.session.compact_on_host(past, path, None if kept is None else kept[path])
                 else:
+                    moved = next((i for i, node in enumerate(path) if node != i), len(path))
                     pending = past + np.asarray(path[moved:], dtype=np.int64)
                 compacted = time.perf_counter()
                 past += len(path)
@@ -367,6 +422,7 @@ class Engine:
                 looked_up = sum(tree.source_of(node) == LOOKUP for node in path[1:])
                 stats.lookup_tokens += looked_up
                 stats.tree_sizes.append(tree.size)
+                stats.drafted_sizes.append(drafted)
                 committed = _cut([int(t) for t in tree.tokens[path[1:]]] + [correction],
                                  max_new_tokens - produced, eos)
                 produced += len(committed)
@@ -377,7 +433,7 @@ class Engine:
                     self._account_step(policy, speculate, compacted - step_start, len(path), stats)
                 if self.on_step is not None:
                     self._report_step(stats.steps, tree, len(path) - 1, len(committed), past,
-                                      (step_start, ran, accepted, compacted), looked_up)
+                                      (step_start, ran, accepted, compacted), looked_up, drafted)
                 yield committed
                 correction = committed[-1]
         finally:
@@ -408,7 +464,7 @@ class Engine:
             stats.decisions.append(dict(step=stats.steps, **decision))
 
     def _report_step(self, step: int, tree: Tree, accepted: int, committed: int, past: int,
-                     marks: tuple[float, float, float, float], looked_up: int = 0) -> None:
+                     marks: tuple[float, float, float, float], looked_up: int = 0, drafted: int = 0) -> None:
         """Hand `on_step` the step's record; the session's own split covers the run."""
         step_start, ran, accepted_at, compacted = marks
         timing = self.session.last_timing
@@ -417,7 +473,7 @@ class Engine:
                        copy_out=timing.copy_out, accept=accepted_at - ran, compaction=compacted - accepted_at)
         lookup_nodes = 0 if tree.sources is None else int((tree.sources == LOOKUP).sum())
         self.on_step(StepRecord(step, step_start, tree.size, int(tree.depths.max()), accepted, committed, past,
-                                seconds, lookup_nodes, looked_up))
+                                seconds, lookup_nodes, looked_up, drafted or tree.size))
 
     def _text(self, tokens: Iterator[list[int]], stops: list[str], stats: GenerationStats) -> Iterator[str]:
         """Decode committed tokens into text pieces, cut before the first stop string."""

@@ -17,13 +17,17 @@ streamspec.json, format_version 1:
     attention         {backend: "portable" | "custom", op, stream_nodes: "any" | "all"}
     graph             {file, external_data, dtype: "fp32" | "fp16", candidates (K),
                        full_logits, max_length, inputs, outputs, cache_inputs, cache_outputs,
+                       parts: absent, or (--pruning) {lower, upper}: the step cut at the
+                       first MSA layer, each {file, external_data, inputs, outputs,
+                       cache_inputs, cache_outputs} (exporter/step.py),
                        quantization: null | {method, bits, block_size, ...} (exporter/quantize.py),
                        kv_dtype: null | "int8" | "int4" (exporter/kv_cache.py; null: the cache
                        has `dtype`)}; the last two are optional (older folders lack them)
     tokens            {eos_token_ids, bos_token_id, pad_token_id}
     tokenizer         {file, chat_template (file name or null), bos_token, eos_token}
-    tree              {budget, lookup}: the default number of draft nodes and of
-                      prompt-lookup draft tokens (`streamspec tune` writes them)
+    tree              {budget, lookup, prune}: the default number of draft nodes, of
+                      prompt-lookup draft tokens and the pruning threshold (0: off)
+                      (`streamspec tune` writes them)
     source            {kind: "base" | "checkpoint", name}
 """
 
@@ -72,6 +76,11 @@ class DeployConfig:
         streams = self.raw.get("streams")
         return int(streams["num_streams"]) if streams else 0
 
+    @property
+    def num_msa_layers(self) -> int:
+        streams = self.raw.get("streams")
+        return int(streams["num_msa_layers"]) if streams else 0
+
     # -- graph
     @property
     def graph(self) -> dict[str, Any]:
@@ -119,6 +128,16 @@ class DeployConfig:
     def default_lookup(self) -> int:
         """Prompt-lookup draft tokens per step (0: off)."""
         return int(self.raw.get("tree", {}).get("lookup", 0))
+
+    @property
+    def can_prune(self) -> bool:
+        """Exported with --pruning: the step also comes cut in two (`graph.parts`)."""
+        return bool(self.graph.get("parts"))
+
+    @property
+    def default_prune(self) -> float:
+        """The tree-pruning threshold (0: off; `streamspec tune` writes it)."""
+        return float(self.raw.get("tree", {}).get("prune", 0.0))
 
     def fingerprint(self) -> str:
         """A short hash that tells exported models apart (a saved conversation carries it):
@@ -170,8 +189,9 @@ def read_folder(folder: Union[str, os.PathLike]) -> DeployConfig:
         if not isinstance(raw.get(section), dict) or any(k not in raw[section] for k in keys):
             raise StreamspecError(f"{config_path} lacks its {section!r} section or part of it (corrupt file).")
     config = DeployConfig(folder, raw)
-    for name in filter(None, (config.graph["file"], config.graph.get("external_data"), config.tokenizer["file"],
-                              config.tokenizer.get("chat_template"))):
+    parts = config.graph.get("parts") or {}
+    graph_files = [f for entry in [config.graph, *parts.values()] for f in (entry["file"], entry.get("external_data"))]
+    for name in filter(None, graph_files + [config.tokenizer["file"], config.tokenizer.get("chat_template")]):
         if not (folder / name).is_file():
             raise StreamspecError(f"{folder} lacks {name}; export the model again.")
     if config.backend not in ("portable", "custom"):

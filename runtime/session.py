@@ -17,13 +17,20 @@ Accepted-path compaction (rows past + path[i] -> past + i):
 What the rows hold is written down in `CacheContents` (`StepSession.contents`), so that
 a later generation whose prompt starts with the same tokens (the next turn of a
 conversation, a regenerated answer) runs only the rest of its prompt.
+
+Split mode (tree pruning, exporter/step.py): the session runs the folder's lower.onnx
+and upper.onnx instead of model.onnx, each bound to its own layers' share of the same
+cache; the engine decides between the two runs which nodes the upper layers see.
+Every run goes through both (a prefill keeps all its nodes), so only these two graphs
+are loaded. The lower layers then hold rows for all of a step's nodes and the upper
+layers for the kept ones, so compaction takes a path per group (host compaction only).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -37,6 +44,7 @@ _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 # and values per element (int4 packs two per byte).
 _CACHE_STORAGE = {"int8": (np.int8, 1), "int4": (np.uint8, 2)}
 _NO_ROWS = np.zeros(0, dtype=np.int64)
+_NO_EXIT = dict(exit_parents=_NO_ROWS, exit_nodes=_NO_ROWS, exit_rows=_NO_ROWS)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -114,15 +122,58 @@ class RunTiming(NamedTuple):
     copy_out: float  # the small outputs to numpy
 
 
+class BoundGraph:
+    """One ONNX Runtime session with its layers' cache buffers bound in place, both as
+    the graph's `key_cache.i` inputs and as its `key_cache_out.i` outputs.
+
+    entry: streamspec.json's `graph` or one of its `parts` (file, inputs, outputs,
+    cache_inputs, cache_outputs); cache: OrtValues by cache input name.
+    """
+
+    def __init__(self, session: ort.InferenceSession, entry: dict, cache: dict[str, ort.OrtValue]):
+        self.session = session
+        self.input_names = {i.name for i in session.get_inputs()}
+        self.output_names = [name for name in entry["outputs"] if name not in entry["cache_outputs"]]
+        self.binding = session.io_binding()
+        for name in self.output_names:  # bound first: get_outputs() keeps this order
+            self.binding.bind_output(name, "cpu")
+        for name_in, name_out in zip(entry["cache_inputs"], entry["cache_outputs"]):
+            self.binding.bind_ortvalue_input(name_in, cache[name_in])
+            self.binding.bind_ortvalue_output(name_out, cache[name_in])
+
+    def run(self, feeds: dict[str, np.ndarray], values: dict[str, ort.OrtValue],
+            keep: tuple[str, ...] = ()) -> tuple[dict[str, Any], RunTiming]:
+        """Bind the inputs the graph has (arrays from the host, OrtValues as they are), run,
+        return the small outputs as numpy arrays; those named in `keep` stay OrtValues
+        (the lower graph's hidden rows, handed to the upper graph without a copy)."""
+        start = time.perf_counter()
+        for name, array in feeds.items():
+            if name in self.input_names:
+                self.binding.bind_cpu_input(name, array)
+        for name, value in values.items():
+            self.binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:  # their shapes change per step: let ORT allocate anew
+            self.binding.bind_output(name, "cpu")
+        bound = time.perf_counter()
+        self.session.run_with_iobinding(self.binding)
+        ran = time.perf_counter()
+        outputs = self.binding.get_outputs()
+        out = {name: outputs[i] if name in keep else outputs[i].numpy() for i, name in enumerate(self.output_names)}
+        return out, RunTiming(bound - start, ran - bound, time.perf_counter() - ran)
+
+
 class StepSession:
     """The step graph of a deployable folder, ready to run steps against its own cache.
 
-    profile: a file prefix that turns on ONNX Runtime's own profiler for every run
-    (`end_profiling()` then returns the JSON trace's path); None leaves it off.
+    split: run the folder's lower and upper graphs (tree pruning; see above) instead of
+    the whole step graph. profile: a file prefix that turns on ONNX Runtime's own
+    profiler for every run (`end_profiling()` then returns the JSON trace's path); None
+    leaves it off.
     """
 
     def __init__(self, config: DeployConfig, provider: str = "auto", max_length: Optional[int] = None,
-                 threads: Optional[int] = None, compaction: str = "auto", profile: Optional[str] = None):
+                 threads: Optional[int] = None, compaction: str = "auto", profile: Optional[str] = None,
+                 split: bool = False):
         self.config = config
         self.last_timing = RunTiming(0.0, 0.0, 0.0)
         self.device = resolve_provider(provider)
@@ -136,20 +187,27 @@ class StepSession:
         if compaction == "host" and self.device != "cpu":
             raise StreamspecError("Host compaction needs the cache in host memory (provider cpu).")
         self.compaction = compaction if compaction != "auto" else ("host" if self.device == "cpu" else "graph")
-        self.session = self._create_session(threads, profile)
-        self.input_names = {i.name for i in self.session.get_inputs()}
-        graph = config.graph
-        self.output_names = [name for name in graph["outputs"] if name not in graph["cache_outputs"]]
+        parts = config.graph.get("parts")
+        if split and not parts:
+            raise StreamspecError(f"{config.folder} was exported without --pruning, so it cannot prune trees; "
+                                  "export it again with --pruning or turn pruning off.")
+        if split and self.compaction != "host":
+            raise StreamspecError("Tree pruning needs host compaction (provider cpu); turn pruning off on "
+                                  f"{self.device}.")
+        self.split = split
         self._allocate_cache()
+        cache = dict(zip(config.graph["cache_inputs"], self.cache))
+        entries = {"lower": parts["lower"], "upper": parts["upper"]} if split else {"step": config.graph}
+        self.graphs = {name: BoundGraph(self._create_session(entry, threads, profile), entry, cache)
+                       for name, entry in entries.items()}
+        # The graph whose outputs a step returns (the upper part when split).
+        main = self.graphs["upper" if split else "step"]
+        self.session, self.binding, self.output_names = main.session, main.binding, main.output_names
+        self.first_upper_layer = config.num_layers - config.num_msa_layers
         self.contents = CacheContents()
-        self.binding = self.session.io_binding()
-        for name in self.output_names:  # bound first: get_outputs() keeps this order
-            self.binding.bind_output(name, "cpu")
-        for value, name_in, name_out in zip(self.cache, graph["cache_inputs"], graph["cache_outputs"]):
-            self.binding.bind_ortvalue_input(name_in, value)
-            self.binding.bind_ortvalue_output(name_out, value)
 
-    def _create_session(self, threads: Optional[int], profile: Optional[str] = None) -> ort.InferenceSession:
+    def _create_session(self, entry: dict[str, Any], threads: Optional[int],
+                        profile: Optional[str] = None) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
@@ -168,12 +226,12 @@ class StepSession:
                 register(options, self.device)
             except CustomOpError as error:
                 raise StreamspecError(f"The custom attention op is unavailable: {error}.") from None
+        path = self.config.folder / entry["file"]
         try:
-            return ort.InferenceSession(str(self.config.model_path), options, providers=providers)
+            return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # onnxruntime raises several unrelated types
             first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-            raise StreamspecError(
-                f"onnxruntime could not load {self.config.model_path} ({first}); export the model again.") from None
+            raise StreamspecError(f"onnxruntime could not load {path} ({first}); export the model again.") from None
 
     def _allocate_cache(self) -> None:
         cfg = self.config
@@ -192,30 +250,50 @@ class StepSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Bind the step's inputs (those the graph has), run, return the small outputs.
-        `last_timing` then says where the time went."""
-        start = time.perf_counter()
-        for name, array in feeds.items():
-            if name in self.input_names:
-                self.binding.bind_cpu_input(name, array)
-        for name in self.output_names:  # their shapes change per step: let ORT allocate anew
-            self.binding.bind_output(name, "cpu")
-        bound = time.perf_counter()
-        self.session.run_with_iobinding(self.binding)
-        ran = time.perf_counter()
-        values = self.binding.get_outputs()
-        out = {name: values[i].numpy() for i, name in enumerate(self.output_names)}
-        self.last_timing = RunTiming(bound - start, ran - bound, time.perf_counter() - ran)
+        Split, every node goes through both parts. `last_timing` then says where the
+        time went."""
+        if not self.split:
+            out, self.last_timing = self.graphs["step"].run(feeds, {})
+            return out
+        hidden = self.run_lower(dict(feeds, **_NO_EXIT))["hidden"]  # the step's exit_nodes mean another thing
+        nodes = np.arange(len(feeds["input_ids"]), dtype=np.int64)
+        return self.run_upper(feeds, hidden, nodes, add_timing=True)
+
+    def run_lower(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Split: the lower part over every node of the tree, and the early-exit scores that
+        feeds' exit_parents, exit_nodes, exit_rows ask for. Returns hidden (an OrtValue)
+        and exit_scores."""
+        out, self.last_timing = self.graphs["lower"].run(feeds, {}, keep=("hidden",))
+        return out
+
+    def run_upper(self, feeds: dict[str, np.ndarray], hidden: ort.OrtValue, kept: np.ndarray,
+                  add_timing: bool = False) -> dict[str, np.ndarray]:
+        """Split: the upper part over the `kept` nodes' rows of `hidden`; feeds describe the
+        tree of the kept nodes. add_timing: add this run to `last_timing` (the lower run's)."""
+        out, timing = self.graphs["upper"].run(dict(feeds, kept_nodes=kept), {"hidden": hidden})
+        if add_timing:
+            timing = RunTiming(*(a + b for a, b in zip(self.last_timing, timing)))
+        self.last_timing = timing
         return out
 
     def end_profiling(self) -> Optional[str]:
-        """Stop ONNX Runtime's profiler (see `profile`) and return its JSON trace's path."""
-        return self.session.end_profiling() or None
+        """Stop ONNX Runtime's profiler (see `profile`) and return its JSON trace's path
+        (split: the upper part's; the lower part writes its own file beside it)."""
+        paths = [graph.session.end_profiling() for graph in self.graphs.values()]
+        return paths[-1] or None
 
-    def compact_on_host(self, past_length: int, path: list[int]) -> None:
-        """Move cache rows past + path[i] to past + i for every layer (path ascending)."""
-        src = past_length + np.asarray(path, dtype=np.int64)
-        dst = past_length + np.arange(len(path))
-        self.host_cache[:, :, :, dst] = self.host_cache[:, :, :, src]
+    def compact_on_host(self, past_length: int, path: Sequence[int], lower_path: Optional[Sequence[int]] = None) -> None:
+        """Move cache rows past + path[i] to past + i for every layer (path ascending).
+        Split with pruning: the lower layers hold rows for the whole tree, so their rows
+        move from past + lower_path[i] instead."""
+        groups = [(slice(None), path)] if lower_path is None else [
+            (slice(0, 2 * self.first_upper_layer), lower_path), (slice(2 * self.first_upper_layer, None), path)]
+        for layers, nodes in groups:
+            nodes = np.asarray(nodes, dtype=np.int64)
+            moved = np.flatnonzero(nodes != np.arange(len(nodes)))  # a leading run with path[i] == i stays
+            if len(moved):
+                src, dst = past_length + nodes[moved[0]:], past_length + np.arange(moved[0], len(nodes))
+                self.host_cache[layers, :, :, dst] = self.host_cache[layers, :, :, src]
 
     def rows_shape(self, n: int) -> tuple[int, ...]:
         """The shape of `n` rows of every cache buffer, as `read_rows` returns them."""

@@ -12,6 +12,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="draft nodes per tree (default: the folder's streamspec.json)")
     parser.add_argument("--lookup", type=int, default=None,
                         help="prompt-lookup draft tokens per step, 0 for none (default: the folder's streamspec.json)")
+    parser.add_argument("--prune", type=float, default=None, metavar="THRESHOLD",
+                        help="tree-pruning threshold in [0, 1), 0 for none (default: the folder's streamspec.json); "
+                             "needs a folder exported with --pruning")
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                         help="ONNX Runtime execution provider; auto picks CUDA when available")
     parser.add_argument("--max-length", type=int, default=None,
@@ -28,4 +31,4 @@ def engine_from_args(args: argparse.Namespace):
 
     return Engine(args.folder, provider=args.provider, max_length=args.max_length, budget=args.budget,
                   threads=args.threads, fallback=not args.no_fallback, lookup=args.lookup,
-                  memory_budget=args.max_memory)
+                  memory_budget=args.max_memory, prune=args.prune)
