@@ -192,3 +192,27 @@ def test_pruning_refusals(folders, tmp_path):
     config = json.loads((folders["split"] / "streamspec.json").read_text())
     assert config["tree"].get("prune", 0) == 0
     assert Engine(folders["split"], provider="cpu").prune == 0 and not Engine(folders["split"], provider="cpu").session.split
+
+
+# ------------------------------------------------------------------------------ the benchmark
+def test_bench_pruning_runs_every_setting_and_checks_them(folders, tmp_path, capsys):
+    from streamspec.tools import bench_pruning
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": text}) for text in ("abc abc abc", "hello there")) + "\n")
+    out = tmp_path / "report.json"
+    code = bench_pruning.main([str(folders["split"]), "--prompts", str(prompts), "--budgets", "2", "6",
+                               "--prune", "0.3", "--lookup", "3", "--max-new-tokens", "12", "--repeats", "2",
+                               "--threads", "1", "--json", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = {row["setting"]: row for row in report["rows"]}
+    assert list(rows) == ["autoregressive", "B2 no pruning", "B2 pruning", "B2 pruning + lookup 3",
+                          "B6 no pruning", "B6 pruning", "B6 pruning + lookup 3"]
+    assert all(row["equals_autoregressive"] and row["tokens_per_second"] > 0 for row in rows.values())
+    assert rows["B6 no pruning"]["kept_nodes_per_step"] == rows["B6 no pruning"]["drafted_nodes_per_step"] == 7
+    assert rows["B6 pruning"]["kept_nodes_per_step"] < 7
+    assert rows["B6 pruning"]["upper_rows_per_step"] == pytest.approx(rows["B6 pruning"]["kept_nodes_per_step"] * 4)
+    assert "B6 pruning + lookup 3" in capsys.readouterr().out
+    assert bench_pruning.main([str(folders["plain"]), "--json", str(out), "--no-progress"]) == 1
+    assert "exported without --pruning" in capsys.readouterr().err
