@@ -254,15 +254,24 @@ class Engine:
             raise StreamspecError("The prompt is empty.")
         return ids
 
-    def forward(self, tree: Tree, past: int, drafting: bool = True) -> dict[str, np.ndarray]:
+    def forward(self, tree: Tree, past: int, drafting: bool = True, kept: Optional[int] = None) -> dict[str, np.ndarray]:
         """One greedy forward pass over `tree` on top of `past` cached rows, committing
-        nothing (the profiler times steps with it). It overwrites cache rows from `past`
-        on, which only matters to a generation in progress."""
+        nothing (the profiler and `streamspec tune` time steps with it). It overwrites
+        cache rows from `past` on, which only matters to a generation in progress.
+        kept (pruning engines): a pruned step whose upper layers see the first `kept`
+        nodes (closed under parents), every other node scored by the early-exit head."""
         if past < 0 or past + tree.size * (1 + self.config.num_streams) > self.max_length:
             raise StreamspecError(f"A tree of {tree.size} nodes after {past} rows does not fit the cache.")
-        stream_nodes = self._stream_nodes(tree.size, drafting and self.can_speculate)
         contents = self.session.contents  # rows from `past` on (and rows not moved yet) are overwritten
         contents.keep(min(past, contents.rows - len(contents.pending)))
+        if kept is not None:
+            if self.prune <= 0:
+                raise StreamspecError("A pruned step needs an engine with pruning on (prune > 0).")
+            unvouched = Tree(tree.tokens, tree.parents, tree.depths, np.zeros(tree.size, dtype=np.float32))
+            nodes = np.arange(min(max(kept, 1), tree.size), dtype=np.int64)
+            return self._pruned_step(unvouched, past, drafting and self.can_speculate, None, lambda d: _NO_UNIFORMS,
+                                     GenerationStats(), decide=lambda *_: nodes)[2]
+        stream_nodes = self._stream_nodes(tree.size, drafting and self.can_speculate)
         return self._run(tree, past, _NO_ROWS, stream_nodes, np.arange(tree.size, dtype=np.int64), None,
                          _NO_UNIFORMS, GenerationStats())
 
@@ -310,10 +319,11 @@ class Engine:
         return feeds
 
     def _pruned_step(self, tree: Tree, past: int, drafting: bool, sampling: Optional[dict[str, np.ndarray]],
-                     uniform_at: Callable[[np.ndarray], np.ndarray],
-                     stats: GenerationStats) -> tuple[Tree, np.ndarray, dict[str, np.ndarray]]:
+                     uniform_at: Callable[[np.ndarray], np.ndarray], stats: GenerationStats,
+                     decide: Optional[Callable[..., np.ndarray]] = None) -> tuple[Tree, np.ndarray, dict[str, np.ndarray]]:
         """One step with tree pruning (host compaction, so nothing to compact in-graph):
         the lower layers over `tree`, pruning, the upper layers over the kept nodes.
+        decide(tree, scored, exit_scores) -> kept nodes replaces `tree.prune` (timing).
         Returns (the kept tree, its nodes' indices in `tree` [K], the step's outputs)."""
         scored = nodes_to_score(tree, self.prune)
         exit_parents, exit_rows = np.unique(tree.parents[scored], return_inverse=True)
@@ -323,7 +333,7 @@ class Engine:
         start = time.perf_counter()
         lower = self.session.run_lower(feeds)
         lower_seconds = time.perf_counter() - start
-        kept = prune(tree, scored, lower["exit_scores"], self.prune)
+        kept = (decide or (lambda *args: prune(*args, self.prune)))(tree, scored, lower["exit_scores"])
         small = tree.select(kept)
         nodes = np.arange(small.size, dtype=np.int64)
         feeds = self._feeds(small, past, _NO_ROWS, self._stream_nodes(small.size, drafting), nodes, sampling,

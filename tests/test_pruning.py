@@ -216,3 +216,35 @@ def test_bench_pruning_runs_every_setting_and_checks_them(folders, tmp_path, cap
     assert "B6 pruning + lookup 3" in capsys.readouterr().out
     assert bench_pruning.main([str(folders["plain"]), "--json", str(out), "--no-progress"]) == 1
     assert "exported without --pruning" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ tune
+def test_tune_measures_pruning_and_writes_the_threshold(folders, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from streamspec.tools.cli import main
+
+    folder = shutil.copytree(folders["split"], tmp_path / "folder")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": text}) for text in ("abc abc abc", "hello there")) + "\n")
+    monkeypatch.chdir(tmp_path)
+    code = main(["tune", str(folder), "--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens", "12",
+                 "--budgets", "2,6", "--prune", "0.3", "--repeats", "1", "--threads", "1", "--json", "tune.json"])
+    assert code == 0
+    report = json.loads((tmp_path / "tune.json").read_text())
+    candidates = report["candidates"]
+    assert [(c["budget"], c["prune"]) for c in candidates] == [(2, 0.0), (6, 0.0), (2, 0.3), (6, 0.3)]
+    assert all(c["identical"] and c["kept_per_step"] <= c["nodes_per_step"] for c in candidates)
+    assert candidates[3]["kept_per_step"] < candidates[3]["nodes_per_step"]
+    pairs = {(p["drafted"], p["kept"]) for p in report["pruned_latency"]}
+    assert pairs == {(round(c["nodes_per_step"]), round(c["kept_per_step"])) for c in candidates if c["prune"]}
+    # The best expected setting is what the folder now holds, pruning threshold included.
+    best = max(candidates, key=lambda c: c["expected_tokens_per_second"])
+    tree = json.loads((folder / "streamspec.json").read_text())["tree"]
+    choice = report["choice"]
+    if choice["budget"]:
+        assert (choice["budget"], choice["prune"]) == (best["budget"], best["prune"])
+    assert (tree["budget"], tree["prune"]) == (choice["budget"], choice["prune"])
+    assert Engine(folder, provider="cpu").prune == choice["prune"]
+    assert main(["tune", str(folders["plain"]), "--prune", "0.1", "--json", "x.json"]) == 1
+    assert "exported without --pruning" in capsys.readouterr().err

@@ -4,10 +4,15 @@ Speculation pays when the tokens a step commits grow faster than the step's cost
 are measured here, on this device and this folder:
 
     acceptance   greedy generations on a prompt set at every candidate setting (tree
-                 budget, prompt lookup on/off): tokens committed per forward pass and
-                 draft nodes per step; outputs are checked against autoregressive decoding
+                 budget, prompt lookup on/off, pruning threshold when the folder was
+                 exported with --pruning): tokens committed per forward pass and draft
+                 nodes per step (before and after pruning); outputs are checked against
+                 autoregressive decoding
     latency      the step-latency curve (median ms of one step vs tree nodes) at a
-                 typical cache length (`profiler.measure.latency_curve`)
+                 typical cache length (`profiler.measure.latency_curve`); for a pruned
+                 setting, the median ms of a pruned step over its mean drafted nodes
+                 (lower layers, every draft scored by the exit head) and its mean kept
+                 nodes (upper layers)
 
     expected tokens/s (setting) = tokens per pass / latency(mean nodes per step)
 
@@ -30,6 +35,7 @@ import numpy as np
 from streamspec.errors import StreamspecError
 
 DEFAULT_BUDGETS = (1, 2, 4, 6, 8, 12, 16, 24, 32)
+DEFAULT_PRUNE = (0.05, 0.1, 0.2)  # thresholds tried on a folder exported with --pruning
 
 
 @dataclass
@@ -37,6 +43,7 @@ class TuneSettings:
     folder: Path
     budgets: Sequence[int] = DEFAULT_BUDGETS
     lookup: Sequence[int] = (0,)  # prompt-lookup draft lengths to try (0: off)
+    prune: Sequence[float] = ()  # pruning thresholds to try beside no pruning (a --pruning folder)
     max_new_tokens: int = 96
     threads: Optional[int] = None
     provider: str = "auto"
@@ -48,8 +55,10 @@ class TuneSettings:
 class Candidate:
     budget: int
     lookup: int
+    prune: float = 0.0
     tokens_per_pass: float = 0.0
-    nodes_per_step: float = 0.0
+    nodes_per_step: float = 0.0  # drafted (before pruning)
+    kept_per_step: float = 0.0  # after pruning: what the upper layers see
     measured_tokens_per_second: float = 0.0  # end-to-end decode, for reference (noisier)
     identical: bool = True
     expected_tokens_per_second: float = 0.0
@@ -86,18 +95,31 @@ def run_tune(settings: TuneSettings, prompts: list[list[int]],
         reference.append(result.token_ids)
         ar_speed.append(result.stats.decode_tokens_per_second)
     candidates = []
-    for lookup in settings.lookup:
-        for budget in settings.budgets:
-            say(f"budget {budget}, lookup {lookup}")
-            candidates.append(_measure(engine, prompts, reference, budget, lookup, settings.max_new_tokens))
+    pruning = None  # the split graphs, for the pruned settings
+    if settings.prune:
+        pruning = Engine(settings.folder, provider=settings.provider, threads=settings.threads, fallback=False,
+                         prune=max(settings.prune))
+    for prune in (0.0, *settings.prune):
+        for lookup in settings.lookup:
+            for budget in settings.budgets:
+                say(f"budget {budget}, lookup {lookup}, pruning {prune or 'off'}")
+                candidates.append(_measure(pruning if prune else engine, prompts, reference, budget, lookup,
+                                           settings.max_new_tokens, prune))
     # The curve at the mean cache length of a decode step: prompt + half the answer.
     past = int(statistics.mean(len(p) for p in prompts) + settings.max_new_tokens / 2)
     biggest = int(np.ceil(max(c.nodes_per_step for c in candidates)))
     say("step-latency curve")
     curve = latency_curve(engine, past, sizes=sorted({1, 2, 4, 8, 16, 32, 64, biggest}), repeats=settings.repeats)
     ar_ms = next(p["median_ms"] for p in curve if not p["drafting"])
+    pruned_ms = {}
+    if pruning is not None:
+        say("pruned-step latencies")
+        pruned_ms = pruned_latencies(pruning, past, {(round(c.nodes_per_step), round(c.kept_per_step))
+                                                     for c in candidates if c.prune}, settings.repeats)
     for c in candidates:
-        c.expected_tokens_per_second = 1000.0 * c.tokens_per_pass / interpolate(curve, c.nodes_per_step)
+        ms = (pruned_ms[(round(c.nodes_per_step), round(c.kept_per_step))] if c.prune
+              else interpolate(curve, c.nodes_per_step))
+        c.expected_tokens_per_second = 1000.0 * c.tokens_per_pass / ms
     ar_expected = 1000.0 / ar_ms
     exact = [c for c in candidates if c.identical]
     best = max(exact, key=lambda c: c.expected_tokens_per_second, default=None)
@@ -108,18 +130,36 @@ def run_tune(settings: TuneSettings, prompts: list[list[int]],
         autoregressive=dict(step_ms=ar_ms, expected_tokens_per_second=ar_expected,
                             measured_tokens_per_second=statistics.mean(ar_speed)),
         candidates=[c.as_dict() for c in candidates], latency_curve=curve,
+        pruned_latency=[dict(drafted=n, kept=k, median_ms=ms) for (n, k), ms in sorted(pruned_ms.items())],
         choice=dict(budget=best.budget if pays else 0, lookup=best.lookup if pays else 0,
+                    prune=best.prune if pays else 0.0,
                     expected_speedup=(best.expected_tokens_per_second / ar_expected) if best else None,
                     reason=("the best exact setting beats the autoregressive step" if pays else
                             "no setting beats the autoregressive step on this device: decode autoregressively")),
         notes=settings.notes)
 
 
+def pruned_latencies(engine, past: int, pairs: set[tuple[int, int]], repeats: int) -> dict[tuple[int, int], float]:
+    """Median ms of a pruned step for each (drafted, kept) pair: a balanced binary tree of
+    `drafted` nodes (as `latency_curve` uses) whose first `kept` nodes reach the upper layers."""
+    from streamspec.tools.profiler.measure import timed, balanced_tree
+
+    out = {}
+    for drafted, kept in sorted(pairs):
+        tree = balanced_tree(drafted, engine.config.vocab_size)
+        engine.forward(tree, past, kept=kept)  # warm-up
+        times = [timed(lambda: engine.forward(tree, past, kept=kept)) for _ in range(repeats)]
+        out[(drafted, kept)] = 1000 * statistics.median(times)
+    return out
+
+
 def _measure(engine, prompts: list[list[int]], reference: list[list[int]], budget: int, lookup: int,
-             max_new_tokens: int) -> Candidate:
+             max_new_tokens: int, prune: float = 0.0) -> Candidate:
     engine.budget, engine.lookup = budget, lookup
-    c = Candidate(budget, lookup)
-    tokens = steps = nodes = 0
+    if prune:
+        engine.prune = prune
+    c = Candidate(budget, lookup, prune)
+    tokens = steps = nodes = kept = 0
     speeds = []
     for ids, expected in zip(prompts, reference):
         result = engine.generate(ids, max_new_tokens=max_new_tokens)
@@ -127,10 +167,12 @@ def _measure(engine, prompts: list[list[int]], reference: list[list[int]], budge
         c.identical &= result.token_ids == expected
         tokens += stats.new_tokens - 1  # the prefill commits the first token
         steps += stats.steps
-        nodes += sum(stats.tree_sizes)
+        nodes += sum(stats.drafted_sizes)
+        kept += sum(stats.tree_sizes)
         speeds.append(stats.decode_tokens_per_second)
     c.tokens_per_pass = tokens / max(steps, 1)
     c.nodes_per_step = nodes / max(steps, 1)
+    c.kept_per_step = kept / max(steps, 1)
     c.measured_tokens_per_second = statistics.mean(speeds)
     return c
 
@@ -143,6 +185,7 @@ def write_choice(folder: Path, report: dict[str, Any]) -> None:
     tree = config.setdefault("tree", {})
     tree["budget"] = int(choice["budget"])
     tree["lookup"] = int(choice["lookup"])
+    tree["prune"] = float(choice.get("prune", 0.0))
     tree["tuned"] = dict(date=report["date"], device=report["system"]["device_name"], threads=report["threads"],
                          expected_speedup=choice["expected_speedup"], reason=choice["reason"])
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

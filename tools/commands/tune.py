@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tree budgets (draft nodes) to try")
     parser.add_argument("--lookup", default="0", metavar="N,N,...",
                         help="prompt-lookup draft lengths to try (0: off), when the engine supports it")
+    parser.add_argument("--prune", default=None, metavar="T,T,...",
+                        help="tree-pruning thresholds to try beside no pruning (default on a folder exported with "
+                             "--pruning: 0.05,0.1,0.2; 0: none)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per point of the latency curve")
@@ -44,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from streamspec.tools import bench, tune
 
     folder = Path(args.folder)
-    read_folder(folder)  # one sentence when it is no deployable folder
+    config = read_folder(folder)  # one sentence when it is no deployable folder
     budgets = _ints(args.budgets, "--budgets", minimum=1)
     lookups = _ints(args.lookup, "--lookup", minimum=0)
+    prunes = _thresholds(args.prune, config.can_prune, folder)
     if args.num_prompts < 1 or args.max_new_tokens < 1 or args.repeats < 1:
         raise StreamspecError("--num-prompts, --max-new-tokens and --repeats must be positive.")
     if args.prompts:
@@ -56,26 +60,27 @@ def run(args: argparse.Namespace) -> int:
         prompts = bench.load_prompts(None, first + args.num_prompts)[first:]
     console = Console()
     settings = tune.TuneSettings(folder, budgets=budgets, lookup=lookups, max_new_tokens=args.max_new_tokens,
-                                 threads=args.threads, provider=args.provider, repeats=args.repeats)
+                                 threads=args.threads, provider=args.provider, repeats=args.repeats, prune=prunes)
     with console.status("tuning") as status:
         report = tune.run_tune(settings, bench.tokenize_prompts(folder, prompts),
                                progress=lambda message: status.update(f"tuning: {message}"))
     table = Table(title=f"tree settings on {report['system']['device_name']} (past {report['past']} rows)")
-    for column in ("budget", "lookup", "tokens/pass", "nodes/step", "step ms", "expected tok/s", "measured tok/s",
-                   "exact"):
+    for column in ("budget", "lookup", "prune", "tokens/pass", "nodes/step", "kept/step", "step ms", "expected tok/s",
+                   "measured tok/s", "exact"):
         table.add_column(column, justify="right")
     ar = report["autoregressive"]
-    table.add_row("AR", "-", "1.00", "1.0", f"{ar['step_ms']:.1f}", f"{ar['expected_tokens_per_second']:.1f}",
+    table.add_row("AR", "-", "-", "1.00", "1.0", "1.0", f"{ar['step_ms']:.1f}", f"{ar['expected_tokens_per_second']:.1f}",
                   f"{ar['measured_tokens_per_second']:.1f}", "yes")
     for c in report["candidates"]:
         ms = 1000.0 * c["tokens_per_pass"] / c["expected_tokens_per_second"]
-        table.add_row(str(c["budget"]), str(c["lookup"]), f"{c['tokens_per_pass']:.2f}", f"{c['nodes_per_step']:.1f}",
+        table.add_row(str(c["budget"]), str(c["lookup"]), f"{c['prune']:g}" if c["prune"] else "off",
+                      f"{c['tokens_per_pass']:.2f}", f"{c['nodes_per_step']:.1f}", f"{c['kept_per_step']:.1f}",
                       f"{ms:.1f}", f"{c['expected_tokens_per_second']:.1f}",
                       f"{c['measured_tokens_per_second']:.1f}", "yes" if c["identical"] else "[red]NO[/]")
     console.print(table)
     choice = report["choice"]
-    console.print(f"choice: budget {choice['budget']}, lookup {choice['lookup']} ({choice['reason']}; expected "
-                  f"speed-up {choice['expected_speedup']:.2f}x)")
+    console.print(f"choice: budget {choice['budget']}, lookup {choice['lookup']}, pruning "
+                  f"{choice['prune'] or 'off'} ({choice['reason']}; expected speed-up {choice['expected_speedup']:.2f}x)")
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if not args.dry_run:
         tune.write_choice(folder, report)
@@ -83,6 +88,26 @@ def run(args: argparse.Namespace) -> int:
     if not all(c["identical"] for c in report["candidates"]):
         raise StreamspecError("a speculative setting changed the greedy output; this is a bug, please report it.")
     return 0
+
+
+def _thresholds(text, can_prune: bool, folder) -> list[float]:
+    """--prune: the thresholds to try (none for "0"; by default the standard ones when the
+    folder can prune)."""
+    from streamspec.errors import StreamspecError
+    from streamspec.tools.tune import DEFAULT_PRUNE
+
+    if text is None:
+        return list(DEFAULT_PRUNE) if can_prune else []
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise StreamspecError(f"--prune must be comma-separated numbers, got {text!r}.") from None
+    values = [v for v in values if v != 0]
+    if any(not 0 < v < 1 for v in values):
+        raise StreamspecError(f"--prune thresholds must be in (0, 1), got {text!r}.")
+    if values and not can_prune:
+        raise StreamspecError(f"{folder} was exported without --pruning; export it again with --pruning to tune it.")
+    return values
 
 
 def _ints(text: str, name: str, minimum: int) -> list[int]:

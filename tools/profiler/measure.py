@@ -41,7 +41,7 @@ def _host_copy_seconds(nbytes: int, repeats: int) -> float:
     src = np.ones(nbytes // 4, dtype=np.float32)  # ones, not empty: pages must be touched
     dst = np.zeros_like(src)
     np.copyto(dst, src)  # warm-up: page faults land here, not in the timing
-    return min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return min(timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
 
 
 def _cuda_copy_seconds(nbytes: int, repeats: int) -> float:
@@ -52,10 +52,10 @@ def _cuda_copy_seconds(nbytes: int, repeats: int) -> float:
     src = ort.OrtValue.ortvalue_from_shape_and_type([nbytes // 4], np.float32, "cuda", 0)
     dst = ort.OrtValue.ortvalue_from_shape_and_type([nbytes // 4], np.float32, "cuda", 0)
     ort.copy_tensors([src], [dst])  # without a stream the copy is synchronous
-    return min(_timed(lambda: ort.copy_tensors([src], [dst])) for _ in range(repeats))
+    return min(timed(lambda: ort.copy_tensors([src], [dst])) for _ in range(repeats))
 
 
-def _timed(work) -> float:
+def timed(work) -> float:
     start = time.perf_counter()
     work()
     return time.perf_counter() - start
@@ -175,28 +175,32 @@ def weight_bytes(config) -> int:
 
 
 # ------------------------------------------------------------------ step latency
+def balanced_tree(nodes: int, vocab_size: int):
+    """A balanced binary tree (node i under node (i - 1) // 2): cost follows rows, this
+    shape keeps positions in range for any size, and its first k nodes are a subtree."""
+    from streamspec.runtime.tree import Tree
+
+    parents = np.array([-1] + [(i - 1) // 2 for i in range(1, nodes)], dtype=np.int32)
+    depths = np.zeros(nodes, dtype=np.int32)
+    for i in range(1, nodes):
+        depths[i] = depths[parents[i]] + 1
+    return Tree(np.arange(nodes, dtype=np.int64) % vocab_size, parents, depths, np.ones(nodes, dtype=np.float32))
+
+
 def latency_curve(engine, past: int, sizes=CURVE_NODES, repeats: int = 3, extra=()) -> list[dict[str, Any]]:
     """Median and best latency of one step on trees of `sizes` (+ `extra`) nodes that fit
     after `past` cached rows, plus the autoregressive step (one node, no streams).
 
-    Trees are balanced binary (node i under node (i - 1) // 2): cost follows rows, and
-    this shape keeps positions in range for any size.
+    Trees are balanced binary (`balanced_tree`).
     """
-    from streamspec.runtime.tree import Tree
-
     rows_per_node = 1 + engine.config.num_streams
     fits = sorted({n for n in (*sizes, *extra) if n >= 1 and past + n * rows_per_node <= engine.max_length})
     points = []
     shapes = [(1, False)] + [(n, engine.can_speculate) for n in fits if engine.can_speculate or n > 1]
     for nodes, drafting in shapes:
-        parents = np.array([-1] + [(i - 1) // 2 for i in range(1, nodes)], dtype=np.int32)
-        depths = np.zeros(nodes, dtype=np.int32)
-        for i in range(1, nodes):
-            depths[i] = depths[parents[i]] + 1
-        tree = Tree(np.arange(nodes, dtype=np.int64) % engine.config.vocab_size, parents, depths,
-                    np.ones(nodes, dtype=np.float32))
+        tree = balanced_tree(nodes, engine.config.vocab_size)
         engine.forward(tree, past, drafting)  # warm-up: shapes change, ORT may allocate
-        times = [_timed(lambda: engine.forward(tree, past, drafting)) for _ in range(repeats)]
+        times = [timed(lambda: engine.forward(tree, past, drafting)) for _ in range(repeats)]
         points.append(dict(nodes=nodes, rows=nodes * (rows_per_node if drafting else 1), drafting=drafting,
                            median_ms=1000 * statistics.median(times), min_ms=1000 * min(times), repeats=repeats))
     return points
