@@ -94,7 +94,7 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
                  force: bool = False, source: Optional[dict[str, str]] = None, base_dir: Optional[Path] = None,
                  progress: bool = True, quantize: str = "none", block_size: int = quantization.DEFAULT_BLOCK_SIZE,
                  quantize_head: bool = True, quant_activations: str = quantization.DEFAULT_ACTIVATIONS,
-                 kv_dtype: str = "none", pruning: bool = False) -> Path:
+                 kv_dtype: str = "none", pruning: bool = False, full_draft_vocab: bool = False) -> Path:
     """Trace `model` into a deployable folder at `out_dir` and return its path.
 
     dtype: "fp32" or "fp16" weights, activations and KV cache. quantize: "none", "int8"
@@ -110,6 +110,8 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
     base_dir: the base model's folder, for its generation_config.json (end-of-sequence
     ids), when the tokenizer folder lacks one. pruning: also write the step cut in two
     (lower.onnx, upper.onnx; exporter/step.py) for tree pruning at run time.
+    full_draft_vocab: stream rows and the early-exit head score the whole vocabulary even
+    when the checkpoint has a reduced drafting vocabulary (models/vocab.py).
     """
     out_dir = Path(out_dir).expanduser().resolve()
     tokenizer_dir = Path(tokenizer_dir)
@@ -126,6 +128,9 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
     try:
         if dtype != "fp32":
             model = copy.deepcopy(model).to(DTYPES[dtype])
+        if full_draft_vocab and model.draft_vocab is not None:
+            model = copy.copy(model)  # the same modules, without the drafting vocabulary
+            model.draft_vocab = None
         say(f"Tracing the step graph ({backend} attention, {dtype})")
         graph = _write_graph(model, "step", tmp, candidates, full_logits, backend, slim, say, quantize, block_size,
                              quantize_head, quant_activations)
@@ -271,7 +276,8 @@ def deploy_config(model: Transformer, dtype: str, max_length: int, candidates: i
                       else f"{custom.DOMAIN}.{custom.OP_TYPE}",
                       "stream_nodes": "all" if backend == "custom" else "any"},
         "graph": {**graph, "dtype": dtype, "candidates": min(candidates, cfg.vocab_size), "full_logits": full_logits,
-                  "max_length": max_length},
+                  "max_length": max_length,
+                  "draft_vocab": None if model.draft_vocab is None else len(model.draft_vocab)},
         "tree": {"budget": budget},
         "source": source,
     }

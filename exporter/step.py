@@ -136,7 +136,11 @@ class StepGraph(nn.Module):
     def __init__(self, model: Transformer, candidates: int = 8, full_logits: bool = False):
         super().__init__()
         self.model = model
-        self.candidates = min(candidates, model.config.vocab_size)
+        # Stream rows and the early-exit head score the reduced drafting vocabulary when
+        # the model has one (models/vocab.py); the main stream always the whole one.
+        self.draft_vocab = model.draft_vocab  # [V'] sorted token ids, or None
+        draft_size = model.config.vocab_size if self.draft_vocab is None else len(self.draft_vocab)
+        self.candidates = min(candidates, draft_size)
         self.full_logits = full_logits
 
     def _top(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +151,11 @@ class StepGraph(nn.Module):
         """
         ids = torch.topk(logits, self.candidates, dim=-1).indices
         return ids, torch.gather(torch.softmax(logits, dim=-1), -1, ids)
+
+    def _draft_top(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_top` of drafting logits [..., V'] (stream or early-exit), ids as token ids."""
+        ids, probs = self._top(logits)
+        return (ids if self.draft_vocab is None else self.draft_vocab[ids]), probs
 
     def _upper(self, hidden: torch.Tensor, positions: torch.Tensor, attention: GraphAttention,
                stream_nodes: torch.Tensor, output_nodes: torch.Tensor):
@@ -201,8 +210,8 @@ class StepGraph(nn.Module):
             choice = main_ids[:, 0].index_put((sample_rows,), sampled)  # [O]
             draft_node, draft_rows = self._draft(x[0, hidden.shape[1]:], input_ids, positions, tree_mask, tree_parent,
                                                  stream_nodes, output_nodes, choice)
-            stream_logits = model.head(draft_rows[None])[0].float()  # [γ, V]
-            outputs += [draft_node, *self._top(stream_logits)]
+            stream_logits = model.head(draft_rows[None], self.draft_vocab)[0].float()  # [γ, V or V']
+            outputs += [draft_node, *self._draft_top(stream_logits)]
         if self.full_logits:
             outputs.append(main_logits)
         return outputs
@@ -220,8 +229,8 @@ class StepGraph(nn.Module):
         outputs = self._outputs(hidden, x, input_ids, positions, tree_mask, tree_parent, stream_nodes, output_nodes,
                                 sample_rows, temperature, top_k, top_p, uniform)
         if model.num_streams:
-            exit_logits = model.exit_head(hidden[:, exit_nodes])[0].float()
-            outputs[6:6] = self._top(exit_logits)  # after stream_ids, stream_probs
+            exit_logits = model.exit_head(hidden[:, exit_nodes], self.draft_vocab)[0].float()
+            outputs[6:6] = self._draft_top(exit_logits)  # after stream_ids, stream_probs
         return tuple(outputs + attention.present)
 
 
@@ -235,9 +244,17 @@ class LowerGraph(StepGraph):
                     stream_nodes=exit_nodes[:0], compact_src=compact_src)
         attention = GraphAttention(caches, step, model.msa_start, model.num_streams)
         hidden = model.lower(input_ids[None], positions[None], attention)  # [1, N, D]
-        # One exit-head row per parent (siblings share it): [P, V] -> log-probabilities.
-        exit_logprobs = torch.log_softmax(model.exit_head(hidden[:, exit_parents])[0].float(), dim=-1)
-        scores = exit_logprobs[exit_rows, input_ids[exit_nodes]].exp()  # [E]
+        # One exit-head row per parent (siblings share it): [P, V or V'] -> log-probabilities.
+        logits = model.exit_head(hidden[:, exit_parents], self.draft_vocab)[0].float()
+        exit_logprobs = torch.log_softmax(logits, dim=-1)
+        tokens = input_ids[exit_nodes]  # [E]
+        if self.draft_vocab is None:
+            scores = exit_logprobs[exit_rows, tokens].exp()
+        else:  # a token outside the drafting vocabulary scores 0
+            column = torch.full((model.config.vocab_size,), -1, dtype=torch.int64)
+            column[self.draft_vocab] = torch.arange(len(self.draft_vocab))
+            column = column[tokens]
+            scores = torch.where(column >= 0, exit_logprobs[exit_rows, column.clamp(min=0)].exp(), 0.0)
         return (hidden[0], scores, *attention.present)
 
 

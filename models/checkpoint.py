@@ -6,7 +6,8 @@ A checkpoint is a folder:
                              hyper-parameter (model, streams, training), metrics,
                              sha256 of the weights file
                              and optionally `deploy`: export defaults chosen by
-                             measurement ({"budget", "streams"})
+                             measurement ({"budget", "streams"}), and `draft_vocab`:
+                             {file, size, train_coverage, sha256} (models/vocab.py)
     streams.safetensors      the trained parameters only (stream embeddings, LoRA,
                              exit adapter), under `Transformer.named_parameters` names
     tokenizer.json, tokenizer_config.json (chat template), ...
@@ -61,6 +62,7 @@ class CheckpointInfo:
     # Export defaults measured for the checkpoint (optional): {"budget": draft nodes,
     # "streams": streams to deploy}; `streamspec export` options override them.
     deploy: dict = field(default_factory=dict)
+    draft_vocab: dict = field(default_factory=dict)  # the reduced drafting vocabulary's entry (models/vocab.py)
 
     @property
     def tokenizer_folder(self) -> Path:
@@ -193,7 +195,8 @@ def read_checkpoint_info(folder: Union[str, Path], base: Union[str, os.PathLike,
             f"was trained on (sha256 {base_sha[:12]}…)."
         )
     return CheckpointInfo(folder, base_folder, base_sha, model, streams, meta.get("training", {}),
-                          meta.get("metrics", {}), base_source, weights_sha, meta.get("deploy") or {})
+                          meta.get("metrics", {}), base_source, weights_sha, meta.get("deploy") or {},
+                          meta.get("draft_vocab") or {})
 
 
 def _find_base(base, recorded: dict, folder: Path) -> Path:
@@ -224,6 +227,7 @@ def load_checkpoint(folder: Union[str, Path], base: Union[str, os.PathLike, None
     from safetensors.torch import load_file
 
     from .loading import load_base_state_dict
+    from .vocab import load_draft_vocab
 
     info = read_checkpoint_info(folder, base)
     weights = info.weights_path
@@ -238,6 +242,7 @@ def load_checkpoint(folder: Union[str, Path], base: Union[str, os.PathLike, None
     model = Transformer(info.model, info.streams)
     load_base_weights(model, load_base_state_dict(info.base_folder))
     load_trained(model, trained, str(weights))
+    model.draft_vocab = load_draft_vocab(info.folder, info.draft_vocab, info.model.vocab_size)
     return model.to(device).eval(), info
 
 

@@ -202,6 +202,9 @@ class Transformer(nn.Module):
             inv_freq, scaling = rope_frequencies(config)
             self.register_buffer("inv_freq", inv_freq, persistent=False)
             self.rope_scaling = scaling
+        # Reduced drafting vocabulary (models/vocab.py): sorted token ids [V'] that stream
+        # rows and the early-exit head score at deployment; None: the whole vocabulary.
+        self.draft_vocab: Optional[torch.Tensor] = None
         if streams is not None:
             streams.validate(config)
             self.stream_embed = nn.Parameter(torch.randn(streams.num_streams, d) * 0.02)
@@ -244,12 +247,15 @@ class Transformer(nn.Module):
         return ((emb.cos() * self.rope_scaling).unsqueeze(1),
                 (emb.sin() * self.rope_scaling).unsqueeze(1))
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head: [B, R, D] -> [B, R, V]."""
+    def head(self, x: torch.Tensor, vocab: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final norm and LM head: [B, R, D] -> [B, R, V], or [B, R, V'] over the token ids
+        `vocab` [V'] only (a reduced drafting vocabulary: a smaller matrix to read)."""
         if self.norm is not None:
             x = self.norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
+        if vocab is not None:
+            return F.linear(x, self.lm_head.weight[vocab])
         return self.lm_head(x)
 
     # ----------------------------------------------------------------------------------
@@ -301,9 +307,10 @@ class Transformer(nn.Module):
         hidden = self.lower(tokens, positions, attention)
         return self.upper(hidden, positions, attention, with_streams and self.streams is not None)
 
-    def exit_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Early-exit logits (tree pruning): hidden [B, N, D] at the insertion layer -> [B, N, V]."""
-        return self.head(hidden + F.linear(F.linear(hidden, self.exit_A), self.exit_B))
+    def exit_head(self, hidden: torch.Tensor, vocab: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Early-exit logits (tree pruning): hidden [B, N, D] at the insertion layer ->
+        [B, N, V] (or [B, N, V'] over `vocab`, see `head`)."""
+        return self.head(hidden + F.linear(F.linear(hidden, self.exit_A), self.exit_B), vocab)
 
     def stream_upper(self, hidden: torch.Tensor, positions: torch.Tensor,
                      attention: AttentionBackend) -> torch.Tensor:

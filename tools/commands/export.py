@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the step cut at the stream-insertion layer (lower.onnx, upper.onnx), so that "
                              "the runtime can prune draft trees between them (`--prune`, `streamspec tune`); "
                              "about doubles the folder's size on disk")
+    parser.add_argument("--full-draft-vocab", action="store_true",
+                        help="stream rows and the early-exit head score the whole vocabulary even when the "
+                             "checkpoint has a reduced drafting vocabulary (models/vocab.py)")
     parser.add_argument("--full-logits", action="store_true",
                         help="also output the main stream's full logits (debugging; slower)")
     parser.add_argument("--no-slim", action="store_true", help="skip onnxslim on the traced graph")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                  candidates=args.candidates, budget=args.budget, backend=args.backend, full_logits=args.full_logits,
                  slim=not args.no_slim, force=args.force, quantize=args.quantize, block_size=args.block_size,
                  quantize_head=not args.no_quantize_head, quant_activations=args.quant_activations,
-                 kv_dtype=args.kv_dtype, pruning=args.pruning)
+                 kv_dtype=args.kv_dtype, pruning=args.pruning, full_draft_vocab=args.full_draft_vocab)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 2 ** 20
     console = Console(stderr=True)
     console.print(f"Exported {args.source} to {out} ({size:.0f} MiB) in {time.perf_counter() - start:.0f} s.")

@@ -1,0 +1,101 @@
+"""The reduced drafting vocabulary: the tokens that stream rows and the early-exit head
+score at deployment.
+
+On SmolLM2 the LM head (49,152 × 576, 113 MB in fp32) is read in full by every head
+MatMul; the main stream must keep it (verification is exact), but the draft node's
+stream rows and the early-exit head only propose candidates, so they may score the
+tokens that the training answers use most. A draft outside that set is simply never
+proposed; acceptance, not exactness, pays for it.
+
+    python -m streamspec.models.vocab CKPT --data D.jsonl --size 8192
+
+chooses the `size` most frequent answer tokens of the training split (the end-of-
+sequence ids always) and stores them in the checkpoint (`draft_vocab.safetensors`,
+described in its streamspec.json); `streamspec train --draft-vocab N` does the same at
+the end of training. `streamspec export` uses it unless told `--full-draft-vocab`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .errors import StreamspecError
+
+VOCAB_FILE = "draft_vocab.safetensors"
+
+
+def choose_draft_vocab(answers: Sequence[Sequence[int]], vocab_size: int, size: int,
+                       always: Sequence[int] = ()) -> tuple[torch.Tensor, float]:
+    """The `size` most frequent tokens of `answers` plus `always`, as sorted int64 ids
+    [V'], and the share of answer tokens they cover."""
+    if not 1 <= size < vocab_size:
+        raise StreamspecError(f"The drafting vocabulary must have between 1 and {vocab_size - 1} tokens, got {size}.")
+    tokens = torch.tensor([t for answer in answers for t in answer], dtype=torch.int64)
+    if not len(tokens):
+        raise StreamspecError("There are no answer tokens to choose a drafting vocabulary from.")
+    counts = torch.bincount(tokens, minlength=vocab_size)
+    chosen = set(torch.argsort(counts, descending=True, stable=True)[:size].tolist()) | {int(t) for t in always}
+    ids = torch.tensor(sorted(chosen), dtype=torch.int64)
+    return ids, float(counts[ids].sum() / counts.sum())
+
+
+def save_draft_vocab(folder: Union[str, Path], ids: torch.Tensor, coverage: float) -> None:
+    """Store `ids` in the checkpoint folder and describe it in its streamspec.json."""
+    from .checkpoint import CONFIG_FILE, _sha256, save_tensors, write_json
+
+    folder = Path(folder)
+    save_tensors(folder / VOCAB_FILE, {"draft_vocab": ids})
+    description = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    description["draft_vocab"] = {"file": VOCAB_FILE, "size": len(ids), "train_coverage": coverage,
+                                  "sha256": _sha256(folder / VOCAB_FILE)}
+    write_json(folder / CONFIG_FILE, description)
+
+
+def load_draft_vocab(folder: Path, entry: Optional[dict], vocab_size: int) -> Optional[torch.Tensor]:
+    """The checkpoint's drafting vocabulary (None when it has none); one sentence when corrupt."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import _sha256
+
+    if not entry:
+        return None
+    path = folder / str(entry.get("file", VOCAB_FILE))
+    if not path.is_file() or _sha256(path) != entry.get("sha256"):
+        raise StreamspecError(f"{path} is missing or corrupt (its sha256 differs from streamspec.json).")
+    ids = load_file(str(path)).get("draft_vocab")
+    if ids is None or ids.dtype != torch.int64 or ids.ndim != 1 or not len(ids) or int(ids.max()) >= vocab_size:
+        raise StreamspecError(f"{path} does not hold a drafting vocabulary for this model.")
+    return ids
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streamspec.models.vocab",
+                                     description="Choose a checkpoint's reduced drafting vocabulary.")
+    parser.add_argument("checkpoint", help="a checkpoint folder written by `streamspec train`")
+    parser.add_argument("--data", required=True, help="the JSONL the checkpoint was trained on (`streamspec distill`)")
+    parser.add_argument("--size", type=int, default=8192, help="tokens to keep (most frequent in the answers)")
+    args = parser.parse_args(argv)
+    try:
+        from .checkpoint import read_checkpoint_info
+        from .data import read_records
+
+        info = read_checkpoint_info(args.checkpoint)
+        records = [r for r in read_records(args.data, info.model.vocab_size) if r.split == "train"]
+        ids, coverage = choose_draft_vocab([r.answer_ids for r in records], info.model.vocab_size, args.size,
+                                           info.model.eos_token_ids)
+        save_draft_vocab(info.folder, ids, coverage)
+    except StreamspecError as error:
+        print(f"vocab: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.checkpoint}: drafting vocabulary of {len(ids)} tokens, {coverage:.1%} of the training answer tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
