@@ -4,10 +4,12 @@ the same folder, in one run on the same prompts.
 
     python -m streamspec.tools.bench_pruning FOLDER                 # a folder exported with --pruning
     python -m streamspec.tools.bench_pruning FOLDER --budgets 4 16 --prune 0.1 --lookup 8
+    python -m streamspec.tools.bench_pruning FOLDER OTHER ...       # the same rows for each folder (e.g. an
+                                                                    # export with --full-draft-vocab)
 
-Method: two engines on the folder (CPU, the fallback off so that every row measures
+Method: two engines per folder (CPU, the fallback off so that every row measures
 speculation as configured): the whole step graph (no pruning, and autoregressive) and
-the split graphs (pruning). Each repeat runs every prompt through every setting in
+the split graphs (pruning). The autoregressive row runs on the first folder. Each repeat runs every prompt through every setting in
 turn, the order reversed on odd repeats, so drifting machine load hits all alike;
 tok/s is new tokens over the wall time of the generate call, median of the repeats
 per prompt, mean over prompts. Per step: drafted nodes (before pruning), kept nodes
@@ -38,6 +40,7 @@ DEFAULT_PRUNE = 0.1  # when the folder has no tuned threshold
 @dataclass
 class Setting:
     name: str
+    folder: Path
     budget: int  # 0 with lookup 0: autoregressive
     prune: float = 0.0
     lookup: int = 0
@@ -51,12 +54,13 @@ class Setting:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m streamspec.tools.bench_pruning", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="a folder exported with `streamspec export --pruning`")
+    parser.add_argument("folders", nargs="+", metavar="FOLDER",
+                        help="folders exported with `streamspec export --pruning` (the same model)")
     parser.add_argument("--budgets", type=int, nargs="+", default=None, metavar="B",
                         help=f"tree budgets (default: the folder's tuned budget and {LARGE_BUDGET})")
     parser.add_argument("--prune", type=float, default=None,
                         help=f"pruning threshold (default: the folder's tuned one, else {DEFAULT_PRUNE})")
-    parser.add_argument("--lookup", type=int, default=8, help="prompt-lookup draft tokens of the lookup rows")
+    parser.add_argument("--lookup", type=int, default=8, help="prompt-lookup draft tokens of the lookup rows (0: none)")
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help='JSONL of {"messages": [...]} or {"prompt": "..."} (default: the held-out stdlib prompts)')
     parser.add_argument("--num-prompts", type=int, default=6, metavar="N", help="use the first N prompts")
@@ -69,25 +73,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def settings_for(budgets: Sequence[int], prune: float, lookup: int) -> list[Setting]:
-    rows = [Setting("autoregressive", 0)]
-    for budget in budgets:
-        rows += [Setting(f"B{budget} no pruning", budget), Setting(f"B{budget} pruning", budget, prune),
-                 Setting(f"B{budget} pruning + lookup {lookup}", budget, prune, lookup)]
+def settings_for(folders: Sequence[Path], budgets: Sequence[int], prune: float, lookup: int) -> list[Setting]:
+    rows = [Setting("autoregressive", folders[0], 0)]
+    for folder in folders:
+        label = f"{folder.name}: " if len(folders) > 1 else ""
+        for budget in budgets:
+            rows += [Setting(f"{label}B{budget} no pruning", folder, budget),
+                     Setting(f"{label}B{budget} pruning", folder, budget, prune)]
+            if lookup:
+                rows.append(Setting(f"{label}B{budget} pruning + lookup {lookup}", folder, budget, prune, lookup))
     return rows
 
 
-def measure(folder: Path, rows: list[Setting], prompt_ids: list[list[int]], max_new_tokens: int, repeats: int,
+def measure(rows: list[Setting], prompt_ids: list[list[int]], max_new_tokens: int, repeats: int,
             threads: int, show=lambda *args: None) -> None:
     """The timed runs (see the module docstring)."""
     from streamspec.runtime import Engine
 
     prune = max(r.prune for r in rows)
-    engines = {False: Engine(folder, provider="cpu", threads=threads, fallback=False, prune=0),
-               True: Engine(folder, provider="cpu", threads=threads, fallback=False, prune=prune)}
+    engines = {(folder, split): Engine(folder, provider="cpu", threads=threads, fallback=False,
+                                       prune=prune if split else 0)
+               for folder in dict.fromkeys(r.folder for r in rows) for split in (False, True)}
 
     def generate(row: Setting, ids: list[int]):
-        engine = engines[row.prune > 0]
+        engine = engines[(row.folder, row.prune > 0)]
         engine.budget, engine.lookup, engine.prune = row.budget, row.lookup, row.prune
         start = time.perf_counter()
         result = engine.generate(list(ids), max_new_tokens=max_new_tokens, speculative=row.speculative)
@@ -112,7 +121,7 @@ def summarize(row: Setting, reference: list[list[int]], num_streams: int) -> dic
     kept = sum(sum(s.tree_sizes) for s in stats)
     accepted = sum(sum(s.accepted) for s in stats)
     return {
-        "setting": row.name, "budget": row.budget, "prune": row.prune, "lookup": row.lookup,
+        "setting": row.name, "folder": str(row.folder), "budget": row.budget, "prune": row.prune, "lookup": row.lookup,
         "tokens_per_second": statistics.fmean(statistics.median(len(ids) / seconds for ids, _, seconds in prompt_runs)
                                               for prompt_runs in row.runs),
         "tokens_per_step": (sum(s.new_tokens - 1 for s in stats) / steps) if steps else None,
@@ -125,18 +134,17 @@ def summarize(row: Setting, reference: list[list[int]], num_streams: int) -> dic
     }
 
 
-def build_report(folder: Path, rows: list[Setting], prompt_ids: list[list[int]],
-                 settings: dict[str, Any]) -> dict[str, Any]:
+def build_report(rows: list[Setting], prompt_ids: list[list[int]], settings: dict[str, Any]) -> dict[str, Any]:
     from streamspec.runtime.folder import read_folder
     from streamspec.tools.profiler.measure import system_info
 
-    config = read_folder(folder)
     reference = [prompt_runs[0][0] for prompt_runs in rows[0].runs]
-    summaries = [summarize(row, reference, config.num_streams) for row in rows]
+    summaries = [summarize(row, reference, read_folder(row.folder).num_streams) for row in rows]
     ar = summaries[0]["tokens_per_second"]
     for s in summaries:
         s["speedup_over_autoregressive"] = s["tokens_per_second"] / ar if ar else None
-    return {"date": datetime.date.today().isoformat(), "folder": str(folder), "system": system_info("cpu"),
+    folders = {str(r.folder): read_folder(r.folder).graph.get("draft_vocab") for r in rows}
+    return {"date": datetime.date.today().isoformat(), "folders": folders, "system": system_info("cpu"),
             "settings": settings, "prompts": len(prompt_ids), "rows": summaries}
 
 
@@ -170,10 +178,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.repeats < 1 or args.max_new_tokens < 1 or args.num_prompts < 1:
         raise StreamspecError("--repeats, --max-new-tokens and --num-prompts must be at least 1.")
-    folder = Path(args.folder).expanduser()
-    config = read_folder(folder)
-    if not config.can_prune:
-        raise StreamspecError(f"{folder} was exported without --pruning; export it again with --pruning.")
+    folders = [Path(f).expanduser() for f in args.folders]
+    configs = [read_folder(f) for f in folders]
+    for folder, config in zip(folders, configs):
+        if not config.can_prune:
+            raise StreamspecError(f"{folder} was exported without --pruning; export it again with --pruning.")
+    config, folder = configs[0], folders[0]
     prune = args.prune if args.prune is not None else (config.default_prune or DEFAULT_PRUNE)
     if not 0 < prune < 1:
         raise StreamspecError(f"--prune must be in (0, 1), got {prune}.")
@@ -182,14 +192,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise StreamspecError("--budgets must be at least 1.")
     records = load_prompts(Path(args.prompts) if args.prompts else None, args.num_prompts)
     prompt_ids = tokenize_prompts(folder, records)
-    rows = settings_for(budgets, prune, args.lookup)
+    rows = settings_for(folders, budgets, prune, args.lookup)
     Console(stderr=True, quiet=args.no_progress).log(f"{len(rows)} settings × {len(prompt_ids)} prompts × "
                                                      f"{args.repeats} repeats")
     with _progress(not args.no_progress) as show:
-        measure(folder, rows, prompt_ids, args.max_new_tokens, args.repeats, args.threads, show)
+        measure(rows, prompt_ids, args.max_new_tokens, args.repeats, args.threads, show)
     settings = {"budgets": budgets, "prune": prune, "lookup": args.lookup, "max_new_tokens": args.max_new_tokens,
                 "repeats": args.repeats, "threads": args.threads, "prompt_ids": [r.id for r in records]}
-    return build_report(folder, rows, prompt_ids, settings)
+    return build_report(rows, prompt_ids, settings)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
