@@ -181,7 +181,8 @@ class Engine:
             raise StreamspecError(f"The pruning threshold must be in [0, 1), got {self.prune}.")
         self.memory: Optional[MemoryEstimate] = None
         if memory_budget is not None:  # size the cache to the budget, or refuse in one sentence
-            self.memory = fit_to_memory(self.config, parse_size(memory_budget), max_length, self.budget)
+            self.memory = fit_to_memory(self.config, parse_size(memory_budget), max_length, self.budget,
+                                        split=self.prune > 0)
             max_length = self.memory.max_length
         self.session = StepSession(self.config, provider, max_length, threads, compaction, profile,
                                    split=self.prune > 0)

@@ -85,20 +85,23 @@ def activation_bytes(config: DeployConfig, max_length: int, budget: int) -> int:
     return per_layer + bias + head
 
 
-def weights_bytes(config: DeployConfig) -> int:
-    """The graph files' sizes."""
-    names = filter(None, (config.graph["file"], config.graph.get("external_data")))
+def weights_bytes(config: DeployConfig, split: bool = False) -> int:
+    """The sizes of the graph files an engine loads: the step graph, or (split, tree
+    pruning) its lower and upper parts."""
+    entries = list(config.graph["parts"].values()) if split and config.can_prune else [config.graph]
+    names = [name for entry in entries for name in (entry["file"], entry.get("external_data")) if name]
     return sum((config.folder / name).stat().st_size for name in names)
 
 
 def estimate_memory(config: DeployConfig, max_length: Optional[int] = None,
-                    budget: Optional[int] = None) -> MemoryEstimate:
-    """Weights, KV cache and activations of a folder (defaults: its max length and budget)."""
+                    budget: Optional[int] = None, split: bool = False) -> MemoryEstimate:
+    """Weights, KV cache and activations of a folder (defaults: its max length and budget;
+    split: the engine runs the pruning graphs)."""
     max_length = int(max_length or config.max_length)
     budget = config.default_budget if budget is None else int(budget)
     dtype = cache_dtype(config)
     return MemoryEstimate(
-        weights=weights_bytes(config),
+        weights=weights_bytes(config, split),
         kv_cache=kv_cache_bytes(config.num_layers, config.num_kv_heads, config.head_dim, max_length, dtype),
         activations=activation_bytes(config, max_length, budget),
         max_length=max_length, budget=budget, cache_dtype=dtype)
@@ -129,14 +132,14 @@ def parse_size(value: "int | float | str") -> int:
 
 
 def fit_to_memory(config: DeployConfig, memory_budget: int, max_length: Optional[int] = None,
-                  budget: Optional[int] = None) -> MemoryEstimate:
+                  budget: Optional[int] = None, split: bool = False) -> MemoryEstimate:
     """The longest cache (at most `max_length`, default the exported maximum) whose
     weights + KV cache + activations at the tree `budget` fit in `memory_budget` bytes;
     one sentence when not even MIN_LENGTH tokens fit."""
     longest = int(max_length or config.max_length)
-    fits = lambda length: estimate_memory(config, length, budget).total <= memory_budget  # noqa: E731
+    fits = lambda length: estimate_memory(config, length, budget, split).total <= memory_budget  # noqa: E731
     if not fits(min(MIN_LENGTH, longest)):
-        need = estimate_memory(config, min(MIN_LENGTH, longest), budget)
+        need = estimate_memory(config, min(MIN_LENGTH, longest), budget, split)
         raise StreamspecError(
             f"{config.folder} does not fit in {_mib(memory_budget)}: even {need.max_length} tokens need "
             f"{need.summary()}; allow more memory, a smaller tree budget or a quantized export.")
@@ -144,4 +147,4 @@ def fit_to_memory(config: DeployConfig, memory_budget: int, max_length: Optional
     while low < high:
         middle = (low + high + 1) // 2
         low, high = (middle, high) if fits(middle) else (low, middle - 1)
-    return estimate_memory(config, low, budget)
+    return estimate_memory(config, low, budget, split)

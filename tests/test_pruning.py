@@ -248,3 +248,21 @@ def test_tune_measures_pruning_and_writes_the_threshold(folders, tmp_path, capsy
     assert Engine(folder, provider="cpu").prune == choice["prune"]
     assert main(["tune", str(folders["plain"]), "--prune", "0.1", "--json", "x.json"]) == 1
     assert "exported without --pruning" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ profile
+def test_profile_reports_tree_sizes_before_and_after_pruning(folders, tmp_path, capsys):
+    from streamspec.tools.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("abc abc abc\nhello there\n")
+    out = tmp_path / "profile.json"
+    assert main(["profile", str(folders["split"]), "--prompts", str(prompts), "--max-new-tokens", "10", "--budget", "6",
+                 "--prune", "0.5", "--provider", "cpu", "--repeats", "1", "--json", str(out)]) == 0
+    assert "nodes per step reach the upper layers" in " ".join(capsys.readouterr().out.split())  # rich wraps lines
+    report = json.loads(out.read_text())
+    steps = [g["per_step"] for g in report["generations"] if g["mode"] == "speculative"]
+    drafted = [n for s in steps for n in s["tree_nodes"]]
+    kept = [n for s in steps for n in s["tree_nodes_after_pruning"]]
+    assert drafted and all(d == 7 for d in drafted) and all(k <= d for k, d in zip(kept, drafted)) and sum(kept) < sum(drafted)
+    assert report["acceptance"]["mean_tree_nodes_after_pruning"] == pytest.approx(sum(kept) / len(kept))

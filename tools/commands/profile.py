@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run every prompt autoregressively, side by side, and report the speed-up")
     parser.add_argument("--json", metavar="OUT", default=None,
                         help="write every figure to this JSON file (`streamspec report OUT` shows it again)")
+    parser.add_argument("--prune", type=float, default=None, metavar="THRESHOLD",
+                        help="tree-pruning threshold, 0 for none (default: the folder's; needs --pruning at export)")
     parser.add_argument("--budget", type=int, default=None,
                         help="draft nodes per tree (default: the folder's streamspec.json)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1 or args.repeats < 1:
         raise StreamspecError("--max-new-tokens and --repeats must be positive.")
     settings = ProfileSettings(args.folder, provider=args.provider, max_new_tokens=args.max_new_tokens,
-                               compare_ar=args.compare_ar, budget=args.budget, threads=args.threads,
+                               compare_ar=args.compare_ar, budget=args.budget, prune=args.prune, threads=args.threads,
                                max_length=args.max_length, ignore_eos=args.ignore_eos,
                                ort_profile=not args.no_ort_profile, curve_repeats=args.repeats)
     if args.prompts:

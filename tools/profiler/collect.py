@@ -46,6 +46,7 @@ class ProfileSettings:
     max_new_tokens: int = 64
     compare_ar: bool = False
     budget: Optional[int] = None
+    prune: Optional[float] = None  # tree-pruning threshold (None: the folder's)
     threads: Optional[int] = None
     max_length: Optional[int] = None
     ignore_eos: bool = False
@@ -91,7 +92,7 @@ def run_profile(settings: ProfileSettings, view: Optional[ProfileView] = None) -
     view = view or ProfileView()
     # fallback off: the profile measures speculation itself, step by step, paying or not.
     engine = Engine(settings.folder, provider=settings.provider, max_length=settings.max_length,
-                    budget=settings.budget, threads=settings.threads, fallback=False)
+                    budget=settings.budget, threads=settings.threads, fallback=False, prune=settings.prune)
     device, config = engine.session.device, engine.config
     probe = MemoryProbe(device)
     view.begin(f"streamspec profile · {Path(settings.folder).name} · {device}", engine.max_length,

@@ -35,7 +35,8 @@ def generation_record(prompt: int, stats, steps: Sequence, token_ids: Sequence[i
                   total_seconds=stats.total_seconds, output_tokens=[int(t) for t in token_ids])
     record["per_step"] = dict(
         accepted=[s.accepted for s in steps], committed=[s.committed for s in steps],
-        tree_nodes=[s.tree_nodes for s in steps], tree_nodes_after_pruning=None,
+        tree_nodes=[s.drafted_nodes or s.tree_nodes for s in steps], tree_nodes_after_pruning=[s.tree_nodes for s in steps],
+        lookup_nodes=[s.lookup_nodes for s in steps], lookup_accepted=[s.lookup_accepted for s in steps],
         tree_depth=[s.tree_depth for s in steps], cache_rows=[s.cache_rows for s in steps], seconds=seconds)
     return record
 
@@ -96,6 +97,9 @@ def acceptance(generations: list[dict], num_streams: int) -> Optional[dict]:
     depths = [d for g in gens for d in g["per_step"]["tree_depth"]]
     committed = [c for g in gens for c in g["per_step"]["committed"]]
     nodes = [n for g in gens for n in g["per_step"]["tree_nodes"]]
+    # Reports written before pruning existed have no after-pruning sizes: nothing was pruned.
+    kept = [n for g in gens for n in (g["per_step"].get("tree_nodes_after_pruning") or g["per_step"]["tree_nodes"])]
+    looked_up = sum(n for g in gens for n in g["per_step"].get("lookup_accepted") or [])
     steps = len(accepted)
     top = max([num_streams, *accepted]) if accepted else num_streams
     histogram = [dict(accepted=k, steps=accepted.count(k), share=_ratio(accepted.count(k), steps))
@@ -114,7 +118,10 @@ def acceptance(generations: list[dict], num_streams: int) -> Optional[dict]:
         new_tokens=_sum(gens, "new_tokens"), prefill_tokens=len(gens), accepted_drafts=sum(accepted),
         corrections=steps, trimmed=sum(accepted) + steps - sum(committed),
         mean_tree_nodes=_ratio(sum(nodes), steps), max_tree_nodes=max(nodes, default=0),
-        mean_tree_nodes_after_pruning=None, pruning="none in this runtime yet")
+        mean_tree_nodes_after_pruning=_ratio(sum(kept), steps),
+        pruning=("off" if kept == nodes else f"{_ratio(sum(kept), steps):.1f} of {_ratio(sum(nodes), steps):.1f} "
+                 "nodes per step reach the upper layers"),
+        lookup_share=_ratio(looked_up, sum(accepted), 0.0))
 
 
 def roofline(weight_bytes: int, bandwidth: dict, summaries: dict, curve: Optional[dict]) -> dict[str, Any]:

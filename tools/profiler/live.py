@@ -53,7 +53,7 @@ class LiveView(ProfileView):
         self.state = "starting"
         self.mode, self.prompt, self.prompts = "", 0, 0
         self.accepted: list[int] = []  # this generation, per step
-        self.tokens, self.tree_nodes, self.cache_rows = 0, 0, 0
+        self.tokens, self.tree_nodes, self.drafted_nodes, self.cache_rows = 0, 0, 0, 0
         self.started = time.perf_counter()
         self.finished: dict[str, list[float]] = {}  # mode -> tokens/s of finished generations
         self.memory: Callable[[], dict[str, Any]] = dict
@@ -70,7 +70,7 @@ class LiveView(ProfileView):
     def start_generation(self, mode: str, prompt: int, prompts: int, prompt_tokens: int) -> None:
         self.mode, self.prompt, self.prompts = mode, prompt, prompts
         self.accepted = []
-        self.tokens, self.tree_nodes, self.cache_rows = 1, 0, prompt_tokens
+        self.tokens, self.tree_nodes, self.drafted_nodes, self.cache_rows = 1, 0, 0, prompt_tokens
         self.state = "generating"
         self.started = time.perf_counter()
 
@@ -78,6 +78,7 @@ class LiveView(ProfileView):
         self.accepted.append(record.accepted)
         self.tokens += record.committed
         self.tree_nodes, self.cache_rows = record.tree_nodes, record.cache_rows
+        self.drafted_nodes = record.drafted_nodes or record.tree_nodes
 
     def end_generation(self, mode: str, tokens_per_second: float) -> None:
         self.finished.setdefault(mode, []).append(tokens_per_second)
@@ -101,7 +102,7 @@ class LiveView(ProfileView):
             line = Text(sparkline(accepted, self.num_streams, max(width - 16, 4)), style="cyan")
             line.append(f" {mean:.2f} tokens/step" if steps else "no steps yet", style="default")
             grid.add_row("accepted", line)
-            nodes = f"{self.tree_nodes} nodes → {self.tree_nodes} after pruning (no pruning yet)" if steps else "-"
+            nodes = f"{self.drafted_nodes} nodes → {self.tree_nodes} after pruning" if steps else "-"
             grid.add_row("tree", f"{nodes} · budget {self.budget}")
         fill = self.cache_rows / self.max_length
         cells = max(min(width - 24, 30), 4)

@@ -301,7 +301,8 @@ def _acceptance(report: dict, cells: int) -> Optional[RenderableType]:
         depth.add_row(str(row["depth"]), str(row["attempts"]), str(row["accepted"]), _pct(row["rate"]),
                       _pct(row["reached"]))
     trees = Text(f"Tree: {acc['mean_tree_nodes']:.1f} nodes per step on average (at most {acc['max_tree_nodes']}); "
-                 f"pruning: {acc.get('pruning', '-')}.", style="dim")
+                 f"pruning: {acc.get('pruning', '-')}; prompt lookup: {_pct(acc.get('lookup_share', 0.0))} of the "
+                 "accepted drafts.", style="dim")
     return Group(hist, Text(""), depth, trees)
 
 
