@@ -43,9 +43,10 @@ fi
 streamspec train --data "$WORK/distill.jsonl" --out "$WORK/ckpt" \
   --streams 3 --msa-layers 10 --lora-rank 32 \
   --steps "${STEPS:-1400}" ${STOP_AT:+--stop-at "$STOP_AT"} --batch 4 --lr 2e-3 --warmup 30 \
-  --eval-every 150 --eval-records 48 --budgets 1,2,4,8,16
+  --eval-every 150 --eval-records 48 --budgets 1,2,4,8,16 --draft-vocab 8192
 
-# 4. Keep only what training added (stream embeddings, adapters) plus the tokenizer.
+# 4. Keep only what training added (stream embeddings, adapters, the 8,192-token drafting
+#    vocabulary that stream rows and the exit head score: models/vocab.py) plus the tokenizer.
 cp "$WORK"/ckpt/*.json "$WORK"/ckpt/*.safetensors models/default/
 
 # 5. Measure the tree on this device and store the choice as the export default
