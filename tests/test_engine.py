@@ -399,26 +399,40 @@ def test_generate_command(engines, capsys, monkeypatch):
 # ------------------------------------------------------------------------------ SmolLM2
 @pytest.fixture(scope="session")
 def smollm2_onnx(smollm2_dir, tmp_path_factory):
-    """SmolLM2-135M-Instruct with untrained streams, exported once per session."""
-    model = build_model(smollm2_dir, StreamConfig(num_streams=3, num_msa_layers=10))
-    return smollm2_dir, export_tiny(model, smollm2_dir, tmp_path_factory.mktemp("smol") / "onnx", max_length=256)
+    """SmolLM2-135M-Instruct with the committed default streams (models/default: trained,
+    with a drafting vocabulary), exported once per session with the pruning graphs."""
+    from streamspec.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(Path(__file__).resolve().parents[1] / "models" / "default", base=smollm2_dir)
+    assert model.draft_vocab is not None
+    return smollm2_dir, export_tiny(model, smollm2_dir, tmp_path_factory.mktemp("smol") / "onnx", max_length=256,
+                                    pruning=True)
 
 
 @pytest.mark.slow
 def test_smollm2_greedy_equals_transformers(smollm2_onnx):
+    """Autoregressive, speculative, and speculative with pruning and prompt lookup."""
     from transformers import AutoTokenizer
 
     hf_folder, folder = smollm2_onnx
-    engine = Engine(folder, provider="cpu")
+    engine = Engine(folder, provider="cpu", fallback=False)
+    pruning = Engine(folder, provider="cpu", fallback=False, budget=8, prune=0.1, lookup=8)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_folder))
     prompts = ["The capital of France is", "def fibonacci(n):",
                [{"role": "user", "content": "Name three colours."}]]
+    accepted = pruned = 0
     for prompt in prompts:
         ids = engine.prompt_ids(prompt)
         expected_ids = (tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
                         if isinstance(prompt, list) else tokenizer(prompt)["input_ids"])
         assert ids == list(expected_ids)
         reference, logits = hf_greedy(hf_folder, ids, 24)
+        result = pruning.generate(prompt, max_new_tokens=24, ignore_eos=True)
+        assert_tokens_match(result.token_ids, reference, logits)
+        accepted += sum(result.stats.accepted)
+        pruned += sum(result.stats.drafted_sizes) - sum(result.stats.tree_sizes)
         for speculative in (False, True):
             result = engine.generate(prompt, max_new_tokens=24, speculative=speculative, ignore_eos=True)
             assert_tokens_match(result.token_ids, reference, logits)
+            accepted += sum(result.stats.accepted)
+    assert accepted > 10 and pruned > 0  # the trained streams draft, and pruning drops some drafts
