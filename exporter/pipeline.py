@@ -62,6 +62,13 @@ def export(spec: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], stre
     return export_model(model, tokenizer_dir, out_dir, source=source, base_dir=base_dir, **options)
 
 
+def checkpoint_hash(folder: Path) -> str:
+    """sha256 of a checkpoint's streamspec.json."""
+    import hashlib
+
+    return hashlib.sha256((Path(folder) / CONFIG_FILE).read_bytes()).hexdigest()
+
+
 def load_source(spec: Union[str, os.PathLike]) -> tuple[Transformer, Path, Path, dict[str, str]]:
     """(model, folder with the tokenizer, base model folder, source description) for an
     export spec."""
@@ -75,7 +82,9 @@ def load_source(spec: Union[str, os.PathLike]) -> tuple[Transformer, Path, Path,
             from streamspec.models.checkpoint import load_checkpoint
 
             model, info = load_checkpoint(path)
-            source = {"kind": "checkpoint", "name": str(path.resolve())}
+            # The checkpoint description's hash (it holds the weights' and vocabulary's
+            # hashes) tells a cached export of an older checkpoint apart.
+            source = {"kind": "checkpoint", "name": str(path.resolve()), "sha256": checkpoint_hash(path)}
             if info.deploy:
                 source["deploy"] = info.deploy
             return model.eval(), info.tokenizer_folder, info.base_folder, source

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     source = default_model_source()
     out = Path(args.out) if args.out else cache_root() / "demo" / Path(source).name
-    if not (out / "streamspec.json").exists():
+    if not _exported_from(out, source):
         console.print(f"[bold]Exporting[/] {source} to {out} (once)...")
         export(source, out, force=True)
     engine = Engine(out, threads=args.threads)
@@ -80,3 +80,20 @@ def default_model_source() -> str:
 
     folder = Path(streamspec.models.__file__).parent / "default"
     return str(folder) if (folder / "streamspec.json").exists() else "default"
+
+
+def _exported_from(out, source) -> bool:
+    """Whether `out` is an export of `source` as it is now (a checkpoint changes when
+    the project ships new default streams; a base model is taken as it was)."""
+    import json
+    from pathlib import Path
+
+    from streamspec.exporter.pipeline import checkpoint_hash
+
+    try:
+        recorded = json.loads((Path(out) / "streamspec.json").read_text(encoding="utf-8")).get("source", {})
+    except (OSError, ValueError):
+        return False
+    if recorded.get("kind") != "checkpoint":
+        return recorded.get("name") == str(source)
+    return recorded.get("sha256") == checkpoint_hash(Path(source))
