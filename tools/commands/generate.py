@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     mode = "speculative" if stats.speculative else "autoregressive"
     if stats.fallback_steps:
         mode += f" ({stats.fallback_steps} steps autoregressive by the fallback)"
+    if engine.prune > 0 and stats.steps:
+        mode += (f", pruning kept {sum(stats.tree_sizes) / stats.steps:.1f} of "
+                 f"{sum(stats.drafted_sizes) / stats.steps:.1f} nodes per step")
     Console(stderr=True).print(
         f"[dim]{stats.new_tokens} tokens, {mode}, {stats.forward_passes} forward passes, "
         f"{stats.mean_accepted_length:.2f} tokens/step | {stats.tokens_per_second:.1f} tokens/s "
