@@ -143,6 +143,14 @@ class StepGraph(nn.Module):
         self.candidates = min(candidates, draft_size)
         self.full_logits = full_logits
 
+    def _attention(self, caches, past_length, tree_mask, tree_parent, stream_nodes, compact_src,
+                   first_layer: int = 0) -> GraphAttention:
+        """The tracing attention backend over `caches` (layers from `first_layer` on)."""
+        model = self.model
+        step = dict(past_length=past_length, tree_mask=tree_mask, tree_parent=tree_parent,
+                    stream_nodes=stream_nodes, compact_src=compact_src)
+        return GraphAttention(caches, step, model.msa_start, model.num_streams, first_layer)
+
     def _top(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[..., V] float32 -> ids [..., K] and their softmax probabilities [..., K].
 
@@ -220,9 +228,7 @@ class StepGraph(nn.Module):
                 output_nodes, sample_rows, exit_nodes, temperature, top_k, top_p, uniform,
                 caches: list[torch.Tensor]):
         model = self.model
-        step = dict(past_length=past_length, tree_mask=tree_mask, tree_parent=tree_parent,
-                    stream_nodes=stream_nodes, compact_src=compact_src)
-        attention = GraphAttention(caches, step, model.msa_start, model.num_streams)
+        attention = self._attention(caches, past_length, tree_mask, tree_parent, stream_nodes, compact_src)
         tokens, rows = input_ids[None], positions[None]
         hidden = model.lower(tokens, rows, attention)
         x = self._upper(hidden, rows, attention, stream_nodes, output_nodes)
@@ -240,9 +246,8 @@ class LowerGraph(StepGraph):
     def forward(self, input_ids, positions, tree_mask, tree_parent, past_length, compact_src, exit_parents,
                 exit_nodes, exit_rows, caches: list[torch.Tensor]):
         model = self.model
-        step = dict(past_length=past_length, tree_mask=tree_mask, tree_parent=tree_parent,
-                    stream_nodes=exit_nodes[:0], compact_src=compact_src)
-        attention = GraphAttention(caches, step, model.msa_start, model.num_streams)
+        # The lower layers have no stream rows: an empty stream_nodes.
+        attention = self._attention(caches, past_length, tree_mask, tree_parent, exit_nodes[:0], compact_src)
         hidden = model.lower(input_ids[None], positions[None], attention)  # [1, N, D]
         # One exit-head row per parent (siblings share it): [P, V or V'] -> log-probabilities.
         logits = model.exit_head(hidden[:, exit_parents], self.draft_vocab)[0].float()
@@ -265,9 +270,8 @@ class UpperGraph(StepGraph):
                 stream_nodes, output_nodes, sample_rows, temperature, top_k, top_p, uniform,
                 caches: list[torch.Tensor]):
         model = self.model
-        step = dict(past_length=past_length, tree_mask=tree_mask, tree_parent=tree_parent,
-                    stream_nodes=stream_nodes, compact_src=compact_src)
-        attention = GraphAttention(caches, step, model.msa_start, model.num_streams, first_layer=model.msa_start)
+        attention = self._attention(caches, past_length, tree_mask, tree_parent, stream_nodes, compact_src,
+                                    first_layer=model.msa_start)
         kept = hidden[kept_nodes][None]  # [1, K, D]
         x = self._upper(kept, positions[None], attention, stream_nodes, output_nodes)
         outputs = self._outputs(kept, x, input_ids, positions, tree_mask, tree_parent, stream_nodes, output_nodes,
