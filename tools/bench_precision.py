@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from streamspec.errors import StreamspecError
-from streamspec.tools.bench import Run  # one record of a generation, shared with `streamspec bench`
+from streamspec.tools.bench import Run, write_report  # shared with `streamspec bench`
 
 PRECISIONS = ("fp32", "int8", "int4")  # the default set; "+kv8" / "+kv4" adds a quantized KV cache
 KV_SUFFIXES = {"": "none", "kv8": "int8", "kv4": "int4"}  # "int4+kv8": int4 weights, int8 KV cache
@@ -350,13 +350,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         report = run(args)
+        write_report(report, Path(args.json))
     except StreamspecError as error:
         print(f"bench_precision: {error}", file=sys.stderr)
-        return 1
-    try:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    except OSError as error:
-        print(f"bench_precision: the report cannot be written to {args.json} ({error.strerror}).", file=sys.stderr)
         return 1
     console = Console()
     console.print(render(report))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -205,15 +204,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from rich.console import Console
 
+    from streamspec.tools.bench import write_report
+
     args = parse_args(argv)
     try:
         report = run(args)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write_report(report, Path(args.json))
     except StreamspecError as error:
         print(f"bench_pruning: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        print(f"bench_pruning: the report cannot be written to {args.json} ({error.strerror}).", file=sys.stderr)
         return 1
     console = Console()
     console.print(render(report))

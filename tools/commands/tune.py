@@ -36,7 +36,6 @@ def _budgets():
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from rich.console import Console
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     choice = report["choice"]
     console.print(f"choice: budget {choice['budget']}, lookup {choice['lookup']}, pruning "
                   f"{choice['prune'] or 'off'} ({choice['reason']}; expected speed-up {choice['expected_speedup']:.2f}x)")
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    bench.write_report(report, Path(args.json))
     if not args.dry_run:
         tune.write_choice(folder, report)
         console.print(f"written into {folder / 'streamspec.json'}; figures in {args.json}")
