@@ -20,14 +20,13 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import save_tiny_model
 from helpers import oracle_tree
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
 from streamspec.runtime.conversation import Conversation
 from streamspec.runtime.fallback import AUTOREGRESSIVE, SPECULATIVE, Fallback
 from streamspec.runtime.session import CacheContents, common_prefix
-from test_export import export_tiny, msa_model
+from test_export import export_tiny, sharpened_msa
 
 TURNS = ("Hi! Who are you?", "Tell me more.", "And then?")
 NEW = dict(max_new_tokens=12, ignore_eos=True)
@@ -37,8 +36,8 @@ NEW = dict(max_new_tokens=12, ignore_eos=True)
 def folder(tmp_path_factory):
     """A tiny llama with 3 streams whose greedy text varies (sharpened weights)."""
     root = tmp_path_factory.mktemp("conversation")
-    hf = save_tiny_model("llama", root / "hf", sharpen=3.0)
-    return export_tiny(msa_model(hf, num_streams=3), hf, root / "onnx", max_length=256)
+    hf, model = sharpened_msa(root)
+    return export_tiny(model, hf, root / "onnx", max_length=256)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import save_tiny_model
 from helpers import assert_tokens_match, generate_with_oracle_trees
 from streamspec import custom_ops
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
 from test_engine import PROMPTS, hf_greedy
-from test_export import export_tiny, msa_model
+from test_export import export_tiny, sharpened_msa
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +36,7 @@ def backends(custom_library, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("backends")
     # Sharpened weights: greedy text varies instead of repeating one token, so that
     # drafts, acceptance and compaction see different trees at every step.
-    hf = save_tiny_model("llama", root / "hf", seed=1, sharpen=3.0)
-    model = msa_model(hf, num_streams=3)
+    hf, model = sharpened_msa(root, seed=1)
     folders = {"hf": hf}
     for backend in ("portable", "custom"):
         folders[backend] = export_tiny(model, hf, root / backend, backend=backend)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_tiny_model
 from helpers import assert_tokens_match
 from streamspec.models.errors import StreamspecError as ModelError
 from streamspec.models.vocab import choose_draft_vocab, save_draft_vocab
@@ -18,7 +17,7 @@ from streamspec.runtime.folder import read_folder
 from streamspec.runtime.session import StepSession
 from streamspec.runtime.tree import chain_tree
 from test_engine import PROMPTS, hf_greedy
-from test_export import Reference, assert_top_matches, export_tiny, msa_model, run_step
+from test_export import assert_top_matches, export_tiny, msa_model, Reference, run_step, sharpened_msa
 
 VOCAB = torch.arange(0, 128, 3)  # 43 of the 128 tokens
 
@@ -37,8 +36,7 @@ def reduced(tmp_path_factory):
     """A sharpened tiny MSA model with a drafting vocabulary, exported with and without
     split graphs, and the same model with the whole vocabulary."""
     root = tmp_path_factory.mktemp("vocab")
-    hf = save_tiny_model("llama", root / "hf", seed=1, sharpen=3.0)
-    model = msa_model(hf, num_streams=3)
+    hf, model = sharpened_msa(root, seed=1)
     model.draft_vocab = VOCAB
     return {"hf": hf, "model": model, "folder": export_tiny(model, hf, root / "reduced", pruning=True),
             "full": export_tiny(model, hf, root / "full", full_draft_vocab=True)}

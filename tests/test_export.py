@@ -43,6 +43,16 @@ def msa_model(folder: Path, num_streams: int = 2, msa_layers: int = 2, mode: str
     return model.eval()
 
 
+def sharpened_msa(root: Path, seed: int = 0) -> tuple[Path, Transformer]:
+    """A tiny llama with sharpened weights (greedy text varies instead of repeating one
+    token, so drafts, acceptance and compaction see different trees at every step), saved
+    as a Hugging Face folder under `root`, and its MSA model with 3 streams."""
+    from conftest import save_tiny_model
+
+    hf = save_tiny_model("llama", root / "hf", seed=seed, sharpen=3.0)
+    return hf, msa_model(hf, num_streams=3)
+
+
 def export_tiny(model: Transformer, tokenizer_dir: Path, out: Path, **options) -> Path:
     from streamspec.exporter import export_model
 

@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 
-from conftest import save_tiny_model
 from helpers import assert_tokens_match
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
@@ -21,7 +20,7 @@ from streamspec.runtime.folder import read_folder
 from streamspec.runtime.session import StepSession
 from streamspec.runtime.tree import Tree, chain_tree, prune
 from test_engine import PROMPTS, hf_greedy
-from test_export import export_tiny, msa_model, random_tree, run_step
+from test_export import export_tiny, msa_model, random_tree, run_step, sharpened_msa
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +29,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("pruning")
     # Sharpened weights: greedy text varies instead of repeating one token, so a cache
     # row in the wrong place changes the output.
-    hf = save_tiny_model("llama", root / "hf", seed=1, sharpen=3.0)
-    model = msa_model(hf, num_streams=3)
+    hf, model = sharpened_msa(root, seed=1)
     return {"hf": hf, "split": export_tiny(model, hf, root / "split", pruning=True),
             "plain": export_tiny(model, hf, root / "plain")}
 

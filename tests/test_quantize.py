@@ -25,7 +25,7 @@ from streamspec.runtime.folder import read_folder
 from streamspec.runtime.memory import estimate_memory, kv_cache_bytes
 from streamspec.runtime.session import StepSession
 from streamspec.runtime.tree import Tree, chain_tree
-from test_export import MAX_LENGTH, export_tiny, msa_model, random_tree, run_step
+from test_export import export_tiny, MAX_LENGTH, random_tree, run_step, sharpened_msa
 
 PROMPTS = ([5, 40, 41, 42, 9, 77], [10, 11, 12], [100, 3, 66, 67, 68, 69, 70, 71, 33])
 MAX_NEW = 24
@@ -40,8 +40,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     """precision -> folder of one tiny llama with 3 streams whose greedy text varies
     (sharpened weights), exported with full logits at each of PRECISIONS."""
     root = tmp_path_factory.mktemp("quantize")
-    hf = save_tiny_model("llama", root / "hf", seed=0, sharpen=3.0)
-    model = msa_model(hf, num_streams=3)
+    hf, model = sharpened_msa(root, seed=0)
     return {name: export_tiny(model, hf, root / name.replace("+", "-"), full_logits=True, **options)
             for name, options in PRECISIONS.items()}
 

@@ -20,10 +20,9 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from conftest import save_tiny_model  # noqa: E402
 from streamspec.runtime import Engine  # noqa: E402
 from streamspec.runtime.server import Job, ServerSettings, ServerThread, create_app  # noqa: E402
-from test_export import export_tiny, msa_model  # noqa: E402
+from test_export import export_tiny, sharpened_msa  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! Who are you?"}]
 
@@ -32,8 +31,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 def folder(tmp_path_factory):
     """A tiny llama with 3 streams whose greedy text varies (sharpened weights)."""
     root = tmp_path_factory.mktemp("server")
-    hf = save_tiny_model("llama", root / "hf", sharpen=3.0)
-    return export_tiny(msa_model(hf, num_streams=3), hf, root / "onnx", max_length=128)
+    hf, model = sharpened_msa(root)
+    return export_tiny(model, hf, root / "onnx", max_length=128)
 
 
 @pytest.fixture(scope="module")
