@@ -41,8 +41,8 @@ from .memory import MemoryEstimate, fit_to_memory, parse_size
 from .sampling import SamplingParams
 from .session import StepSession
 from .tokenizer import TextStream, Tokenizer, first_stop
-from .tree import (LOOKUP, Tree, accept, add_branch, build_tree, chain_tree, lookup_draft, nodes_to_score, prune,
-                   single_node_tree)
+from .tree import (LOOKUP, Tree, accept, add_branch, build_tree, chain_tree, in_place, lookup_draft, nodes_to_score,
+                   prune, single_node_tree)
 
 if TYPE_CHECKING:
     from .conversation import Conversation
@@ -131,9 +131,9 @@ class StepRecord:
     committed: int  # tokens committed (accepted + correction, cut at EOS / max_new_tokens)
     cache_rows: int  # committed rows in the KV cache after the step
     seconds: dict[str, float]
+    drafted_nodes: int  # tree nodes before pruning (tree_nodes: after)
     lookup_nodes: int = 0  # tree nodes that prompt lookup added (the rest came from the streams)
     lookup_accepted: int = 0  # accepted draft tokens that came from lookup
-    drafted_nodes: int = 0  # tree nodes before pruning (tree_nodes: after)
 
 
 @dataclass
@@ -423,8 +423,7 @@ class Engine:
                 if host_compaction:
                     self.session.compact_on_host(past, path, None if kept is None else kept[path])
                 else:
-                    moved = next((i for i, node in enumerate(path) if node != i), len(path))
-                    pending = past + np.asarray(path[moved:], dtype=np.int64)
+                    pending = past + np.asarray(path[in_place(path):], dtype=np.int64)
                 compacted = time.perf_counter()
                 past += len(path)
                 draft = _draft(out, path[-1]) if drafting else None
@@ -444,7 +443,7 @@ class Engine:
                     self._account_step(policy, speculate, compacted - step_start, len(path), stats)
                 if self.on_step is not None:
                     self._report_step(stats.steps, tree, len(path) - 1, len(committed), past,
-                                      (step_start, ran, accepted, compacted), looked_up, drafted)
+                                      (step_start, ran, accepted, compacted), drafted, looked_up)
                 yield committed
                 correction = committed[-1]
         finally:
@@ -475,7 +474,7 @@ class Engine:
             stats.decisions.append(dict(step=stats.steps, **decision))
 
     def _report_step(self, step: int, tree: Tree, accepted: int, committed: int, past: int,
-                     marks: tuple[float, float, float, float], looked_up: int = 0, drafted: int = 0) -> None:
+                     marks: tuple[float, float, float, float], drafted: int, looked_up: int) -> None:
         """Hand `on_step` the step's record; the session's own split covers the run."""
         step_start, ran, accepted_at, compacted = marks
         timing = self.session.last_timing
@@ -484,7 +483,7 @@ class Engine:
                        copy_out=timing.copy_out, accept=accepted_at - ran, compaction=compacted - accepted_at)
         lookup_nodes = 0 if tree.sources is None else int((tree.sources == LOOKUP).sum())
         self.on_step(StepRecord(step, step_start, tree.size, int(tree.depths.max()), accepted, committed, past,
-                                seconds, lookup_nodes, looked_up, drafted or tree.size))
+                                seconds, drafted, lookup_nodes, looked_up))
 
     def _text(self, tokens: Iterator[list[int]], stops: list[str], stats: GenerationStats) -> Iterator[str]:
         """Decode committed tokens into text pieces, cut before the first stop string."""

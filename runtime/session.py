@@ -38,6 +38,7 @@ import onnxruntime as ort
 from streamspec.errors import StreamspecError
 
 from .folder import DeployConfig
+from .tree import in_place
 
 _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 # A quantized cache (streamspec.json graph.kv_dtype, exporter/kv_cache.py): numpy type
@@ -293,10 +294,10 @@ class StepSession:
         groups = [(slice(None), path)] if lower_path is None else [
             (slice(0, 2 * self.first_upper_layer), lower_path), (slice(2 * self.first_upper_layer, None), path)]
         for layers, nodes in groups:
-            nodes = np.asarray(nodes, dtype=np.int64)
-            moved = np.flatnonzero(nodes != np.arange(len(nodes)))  # a leading run with path[i] == i stays
-            if len(moved):
-                src, dst = past_length + nodes[moved[0]:], past_length + np.arange(moved[0], len(nodes))
+            first = in_place(nodes)
+            if first < len(nodes):
+                src = past_length + np.asarray(nodes[first:], dtype=np.int64)
+                dst = past_length + np.arange(first, len(nodes))
                 self.host_cache[layers, :, :, dst] = self.host_cache[layers, :, :, src]
 
     def rows_shape(self, n: int) -> tuple[int, ...]:

@@ -131,6 +131,12 @@ def accept(tree: Tree, choose: Callable[[int], int]) -> tuple[list[int], int]:
         path.append(child)
 
 
+def in_place(path: Sequence[int]) -> int:
+    """How many leading nodes of an accepted path already sit where compaction puts them
+    (path[i] == i): their cache rows need not move."""
+    return next((i for i, node in enumerate(path) if node != i), len(path))
+
+
 def nodes_to_score(tree: Tree, threshold: float) -> np.ndarray:
     """The nodes whose early-exit probability tree pruning needs: the drafts that the
     streams do not vouch for already (path probability below the threshold)."""

@@ -175,7 +175,7 @@ def test_report_and_live_view_render_without_terminal_and_narrow(folders):
     view.begin("streamspec profile · tiny · cpu", 96, 3, 8, lambda: dict(host_rss_bytes=300 * 2 ** 20))
     view.start_generation("speculative", 0, 2, 6)
     for step in range(1, 30):
-        view.step(StepRecord(step, 0.0, 9, 3, step % 4, step % 4 + 1, 6 + 2 * step, {}))
+        view.step(StepRecord(step, 0.0, 9, 3, step % 4, step % 4 + 1, 6 + 2 * step, {}, 9))
     for width in (120, 40):
         console = Console(record=True, width=width, file=io.StringIO())
         console.print(view)

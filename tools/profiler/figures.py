@@ -35,7 +35,7 @@ def generation_record(prompt: int, stats, steps: Sequence, token_ids: Sequence[i
                   total_seconds=stats.total_seconds, output_tokens=[int(t) for t in token_ids])
     record["per_step"] = dict(
         accepted=[s.accepted for s in steps], committed=[s.committed for s in steps],
-        tree_nodes=[s.drafted_nodes or s.tree_nodes for s in steps], tree_nodes_after_pruning=[s.tree_nodes for s in steps],
+        tree_nodes=[s.drafted_nodes for s in steps], tree_nodes_after_pruning=[s.tree_nodes for s in steps],
         lookup_nodes=[s.lookup_nodes for s in steps], lookup_accepted=[s.lookup_accepted for s in steps],
         tree_depth=[s.tree_depth for s in steps], cache_rows=[s.cache_rows for s in steps], seconds=seconds)
     return record

@@ -78,7 +78,7 @@ class LiveView(ProfileView):
         self.accepted.append(record.accepted)
         self.tokens += record.committed
         self.tree_nodes, self.cache_rows = record.tree_nodes, record.cache_rows
-        self.drafted_nodes = record.drafted_nodes or record.tree_nodes
+        self.drafted_nodes = record.drafted_nodes
 
     def end_generation(self, mode: str, tokens_per_second: float) -> None:
         self.finished.setdefault(mode, []).append(tokens_per_second)
