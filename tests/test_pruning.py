@@ -264,3 +264,16 @@ def test_profile_reports_tree_sizes_before_and_after_pruning(folders, tmp_path, 
     kept = [n for s in steps for n in s["tree_nodes_after_pruning"]]
     assert drafted and all(d == 7 for d in drafted) and all(k <= d for k, d in zip(kept, drafted)) and sum(kept) < sum(drafted)
     assert report["acceptance"]["mean_tree_nodes_after_pruning"] == pytest.approx(sum(kept) / len(kept))
+
+
+def test_pruning_runtime_imports_neither_torch_nor_transformers(folders):
+    import subprocess
+    import sys
+
+    code = ("import sys; from streamspec.runtime import Engine; "
+            f"e = Engine({str(folders['split'])!r}, provider='cpu', budget=6, prune=0.3); "
+            "e.generate('ab', max_new_tokens=8, ignore_eos=True); assert e.session.split; "
+            "heavy = [m for m in ('torch', 'transformers', 'streamspec.models') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
