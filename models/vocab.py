@@ -42,18 +42,25 @@ def choose_draft_vocab(answers: Sequence[Sequence[int]], vocab_size: int, size: 
     counts = torch.bincount(tokens, minlength=vocab_size)
     chosen = set(torch.argsort(counts, descending=True, stable=True)[:size].tolist()) | {int(t) for t in always}
     ids = torch.tensor(sorted(chosen), dtype=torch.int64)
-    return ids, float(counts[ids].sum() / counts.sum())
+    return ids, coverage(ids, answers)
 
 
-def save_draft_vocab(folder: Union[str, Path], ids: torch.Tensor, coverage: float) -> None:
+def coverage(ids: torch.Tensor, answers: Sequence[Sequence[int]]) -> float:
+    """The share of the answers' tokens that are in `ids` (0 when there are none)."""
+    tokens = torch.tensor([t for answer in answers for t in answer], dtype=torch.int64)
+    return float(torch.isin(tokens, ids).float().mean()) if len(tokens) else 0.0
+
+
+def save_draft_vocab(folder: Union[str, Path], ids: torch.Tensor, train_coverage: float,
+                     heldout_coverage: Optional[float] = None) -> None:
     """Store `ids` in the checkpoint folder and describe it in its streamspec.json."""
     from .checkpoint import CONFIG_FILE, _sha256, save_tensors, write_json
 
     folder = Path(folder)
     save_tensors(folder / VOCAB_FILE, {"draft_vocab": ids})
     description = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    description["draft_vocab"] = {"file": VOCAB_FILE, "size": len(ids), "train_coverage": coverage,
-                                  "sha256": _sha256(folder / VOCAB_FILE)}
+    description["draft_vocab"] = {"file": VOCAB_FILE, "size": len(ids), "train_coverage": train_coverage,
+                                  "heldout_coverage": heldout_coverage, "sha256": _sha256(folder / VOCAB_FILE)}
     write_json(folder / CONFIG_FILE, description)
 
 
@@ -86,14 +93,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .data import read_records
 
         info = read_checkpoint_info(args.checkpoint)
-        records = [r for r in read_records(args.data, info.model.vocab_size) if r.split == "train"]
-        ids, coverage = choose_draft_vocab([r.answer_ids for r in records], info.model.vocab_size, args.size,
-                                           info.model.eos_token_ids)
-        save_draft_vocab(info.folder, ids, coverage)
+        records = read_records(args.data, info.model.vocab_size)
+        train = [r.answer_ids for r in records if r.split == "train"]
+        ids, train_share = choose_draft_vocab(train, info.model.vocab_size, args.size, info.model.eos_token_ids)
+        heldout = [r.answer_ids for r in records if r.split != "train"]
+        heldout_share = coverage(ids, heldout) if heldout else None
+        save_draft_vocab(info.folder, ids, train_share, heldout_share)
     except StreamspecError as error:
         print(f"vocab: {error}", file=sys.stderr)
         return 1
-    print(f"{args.checkpoint}: drafting vocabulary of {len(ids)} tokens, {coverage:.1%} of the training answer tokens")
+    heldout_text = f", {heldout_share:.1%} of the held-out ones" if heldout_share is not None else ""
+    print(f"{args.checkpoint}: drafting vocabulary of {len(ids)} tokens, {train_share:.1%} of the training answer "
+          f"tokens{heldout_text}")
     return 0
 
 

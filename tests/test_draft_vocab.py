@@ -111,7 +111,10 @@ def test_checkpoint_carries_the_vocabulary(reduced, tiny_model_dir, tmp_path):
     assert _exported_from(folder, checkpoint)
     assert vocab_main([str(checkpoint), "--data", str(data), "--size", "2"]) == 0
     assert not _exported_from(folder, checkpoint)  # `streamspec demo` exports the changed checkpoint again
-    assert load_checkpoint(checkpoint)[0].draft_vocab.tolist() == sorted({9, 4} | set(model.config.eos_token_ids))
+    loaded, info = load_checkpoint(checkpoint)
+    assert loaded.draft_vocab.tolist() == sorted({9, 4} | set(model.config.eos_token_ids))
+    assert info.draft_vocab["train_coverage"] == pytest.approx(6 / 7)  # 7 is not kept
+    assert info.draft_vocab["heldout_coverage"] == 0.0  # the held-out answer's 11 is not either
     (checkpoint / "draft_vocab.safetensors").write_bytes(b"broken")
     with pytest.raises(ModelError, match="missing or corrupt"):
         load_checkpoint(checkpoint)
