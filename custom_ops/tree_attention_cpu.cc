@@ -1,29 +1,36 @@
 // TreeAttention CPU kernel (no ONNX Runtime dependency; see tree_attention.h).
 //
 // Work split.  A "virtual row" is a (query head, query row) pair; the heads of one kv
-// group share every key and value, so a task takes a kv head and a block of kRows = 16
-// virtual rows of its group, and - when that leaves fewer than eight tasks - a slice
-// of the committed cache (split-K, merged afterwards).  Tasks run on the caller's
-// parallel-for (ORT's intra-op thread pool).
+// group share every key and value, so virtual rows are handled in blocks of kRows = 16,
+// and a task takes a kv head, a group of up to eight blocks and - when that leaves
+// too few tasks for the threads - a slice of the committed cache (split-K, merged
+// afterwards).  Tasks run on the caller's parallel-for (ORT's intra-op thread pool).
 //
-// Inside a task the committed cache is walked in tiles of kKeyTile keys with the
-// scores kept transposed, [key][16 rows]: the rows are the vector lanes, so the score
-// product reads the cache rows as they lie (no transposition), the online softmax is
-// vectorised across rows, and the value product is a register-blocked 4 rows x 16
-// dims update.  Afterwards every row visits its own short list of new keys (its tree
-// path, and for stream rows the lower streams of the same node).  Float32 accumulation
-// throughout; float16 caches are converted once per call in a parallel pre-pass.
+// Inside a task the committed cache is the outer loop, in tiles of kKeyTile keys, so a
+// tile is read from memory once for the whole group.  Per block the scores are kept
+// transposed, [key][16 rows]: the rows are the vector lanes, so the score product reads
+// the cache rows as they lie (no transposition), the online softmax is vectorised
+// across rows, and the value product is a register-blocked rows x 16 dims update.
+// Afterwards every row visits its own short list of new keys (its tree path, and for
+// stream rows the lower streams of the same node).  Float32 accumulation throughout;
+// float16 caches are converted once per call in a parallel pre-pass.
 //
-// The vector code uses GCC/Clang vector extensions (8 floats), which lower to AVX, SSE
-// or NEON as the target allows; on x86-64 the task functions are also cloned for
-// x86-64-v3 (AVX2 + FMA) and picked at load time, so the library stays portable.
+// The vector code uses GCC/Clang vector extensions in the CPU's native width (see
+// Isa); on x86-64 the attention task is compiled for AVX-512, AVX2 + FMA and SSE2 and
+// picked at run time, so one library serves every x86-64 CPU.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "tree_attention.h"
+
+#if !defined(__GNUC__)
+#error "The TreeAttention CPU kernel needs GCC or Clang (vector extensions)."
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__)
 // The vector helpers below are always inlined; the ABI note about returning AVX vectors
@@ -34,21 +41,23 @@
 namespace streamspec {
 namespace {
 
-constexpr int64_t kRows = 16;     // virtual rows per task = two 8-float vectors
+constexpr int64_t kRows = 16;     // virtual rows per block = one 16-float vector
 constexpr int64_t kKeyTile = 64;  // keys per softmax step
-constexpr int64_t kMinTasks = 8;  // below this, split the cache between tasks
+constexpr int64_t kMaxGroupBlocks = 8;  // row blocks per task (128 rows: ~100 KB of state)
+
+// Tasks worth creating: enough for every hardware thread to get a couple.
+int64_t MinTasks() {
+  static const int64_t tasks = std::max<int64_t>(8, 2 * static_cast<int64_t>(std::thread::hardware_concurrency()));
+  return tasks;
+}
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(STREAMSPEC_NO_CLONES)
-#define STREAMSPEC_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define STREAMSPEC_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define STREAMSPEC_HOT
 #endif
 
-#if defined(__GNUC__)
 #define STREAMSPEC_INLINE inline __attribute__((always_inline))
-#else
-#define STREAMSPEC_INLINE inline
-#endif
 
 // ---------------------------------------------------------------------------------
 // Scalar helpers
@@ -155,19 +164,54 @@ STREAMSPEC_INLINE void StoreRow(uint16_t* __restrict dst, const float* __restric
 }
 
 // ---------------------------------------------------------------------------------
-// Eight-float vectors.  Products are written scalar * vector, which compiles to a
-// broadcast multiply-add.
+// Vectors.  A block's kRows = 16 lanes (rows in the score and softmax code, head
+// dimensions in the value product) are held as 16 / W native vectors of W floats.
+// The kernels are templates on an instruction-set description, instantiated once per
+// instruction set and picked at run time (x86-64: AVX-512, AVX2 + FMA or SSE2; other
+// CPUs: 128-bit vectors, NEON on Jetson).  Native widths matter: a vector wider than
+// the registers is kept in memory by the compiler and runs ~10x slower.
 
-#if defined(__GNUC__) && !defined(STREAMSPEC_PORTABLE_VECTORS)
-typedef float V8 __attribute__((vector_size(32)));
-typedef int32_t V8i __attribute__((vector_size(32)));
-STREAMSPEC_INLINE V8 Max8(const V8& a, const V8& b) { return a > b ? a : b; }
-STREAMSPEC_INLINE V8 Exp8(const V8& arg) {  // vector ExpNonPositive
-  const V8 lo = V8{} + kExpMin;
-  const V8 x = arg < lo ? lo : arg;
-  const V8 n = (x * kLog2e + kRound) - kRound;
-  const V8 r = (x - n * kLn2Hi) - n * kLn2Lo;
-  V8 p = V8{} + 1.984126984126984e-04f;
+// W floats per vector; kKeys keys per score micro-kernel and kPvRows rows per value
+// micro-kernel, sized so that their accumulators fill but do not overflow the registers.
+template <int kWidth, int kQkKeys, int kPvRowCount>
+struct Isa {
+  static constexpr int W = kWidth;
+  static constexpr int kVecs = kRows / kWidth;  // vectors per 16 lanes
+  static constexpr int kKeys = kQkKeys;
+  static constexpr int kPvRows = kPvRowCount;
+  typedef float V __attribute__((vector_size(4 * kWidth)));
+  typedef int32_t Vi __attribute__((vector_size(4 * kWidth)));
+};
+using IsaAvx512 = Isa<16, 8, 8>;  // 32 zmm registers: 8 + 8 accumulators
+using IsaAvx2 = Isa<8, 4, 4>;     // 16 ymm registers: 4 x 2 accumulators
+#if defined(__aarch64__)
+using IsaBase = Isa<4, 4, 4>;     // NEON, 32 q registers: 4 x 4 accumulators
+#else
+using IsaBase = Isa<4, 2, 2>;     // SSE2 (or any 128-bit vectors), 16 registers
+#endif
+
+template <class I>
+STREAMSPEC_INLINE typename I::V LoadV(const float* p) {
+  typename I::V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <class I>
+STREAMSPEC_INLINE void StoreV(float* p, const typename I::V& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <class I>
+STREAMSPEC_INLINE typename I::V Max(const typename I::V& a, const typename I::V& b) {
+  return a > b ? a : b;
+}
+template <class I>
+STREAMSPEC_INLINE typename I::V Exp(const typename I::V& arg) {  // vector ExpNonPositive
+  using V = typename I::V;
+  const V lo = V{} + kExpMin;
+  const V x = arg < lo ? lo : arg;
+  const V n = (x * kLog2e + kRound) - kRound;
+  const V r = (x - n * kLn2Hi) - n * kLn2Lo;
+  V p = V{} + 1.984126984126984e-04f;
   p = p * r + 1.388888888888889e-03f;
   p = p * r + 8.333333333333333e-03f;
   p = p * r + 4.166666666666667e-02f;
@@ -175,115 +219,55 @@ STREAMSPEC_INLINE V8 Exp8(const V8& arg) {  // vector ExpNonPositive
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const V8i bits = (__builtin_convertvector(n, V8i) + 127) << 23;
-  V8 scale;
+  const typename I::Vi bits = (__builtin_convertvector(n, typename I::Vi) + 127) << 23;
+  V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
-#else
-struct V8 {
-  float v[8];
-  float operator[](int i) const { return v[i]; }
-  V8& operator+=(const V8& o) {
-    for (int i = 0; i < 8; ++i) v[i] += o.v[i];
-    return *this;
-  }
-  friend V8 operator*(float a, const V8& b) {
-    V8 r;
-    for (int i = 0; i < 8; ++i) r.v[i] = a * b.v[i];
-    return r;
-  }
-  friend V8 operator*(const V8& a, const V8& b) {
-    V8 r;
-    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i];
-    return r;
-  }
-  friend V8 operator+(const V8& a, const V8& b) {
-    V8 r;
-    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] + b.v[i];
-    return r;
-  }
-  friend V8 operator-(const V8& a, const V8& b) {
-    V8 r;
-    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] - b.v[i];
-    return r;
-  }
-};
-STREAMSPEC_INLINE V8 Max8(const V8& a, const V8& b) {
-  V8 r;
-  for (int i = 0; i < 8; ++i) r.v[i] = std::max(a.v[i], b.v[i]);
-  return r;
-}
-STREAMSPEC_INLINE V8 Exp8(const V8& x) {
-  V8 r;
-  for (int i = 0; i < 8; ++i) r.v[i] = ExpNonPositive(x.v[i]);
-  return r;
-}
-#endif
 
-STREAMSPEC_INLINE V8 LoadV(const float* p) {
-  V8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-STREAMSPEC_INLINE void StoreV(float* p, const V8& v) { std::memcpy(p, &v, sizeof(v)); }
-
-// sT[j][0..16) = k_j . q for four keys; qT is the query block transposed, [hd][16].
-STREAMSPEC_INLINE void MicroQK(const float* __restrict qT, int64_t hd, const float* __restrict k0,
-                               const float* __restrict k1, const float* __restrict k2, const float* __restrict k3,
+// sT[j][0..16) = k_j . q for kKeys keys k_j = keys + j * hd; qT is the block's queries
+// transposed, [hd][16].  Products are written scalar * vector: a broadcast multiply-add.
+template <class I, int kKeys>
+STREAMSPEC_INLINE void MicroQK(const float* __restrict qT, int64_t hd, const float* __restrict keys,
                                float* __restrict sT) {
-  V8 a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
+  typename I::V a[kKeys][I::kVecs] = {};
   for (int64_t d = 0; d < hd; ++d) {
-    const V8 q0 = LoadV(qT + d * kRows);
-    const V8 q1 = LoadV(qT + d * kRows + 8);
-    a00 += k0[d] * q0;
-    a01 += k0[d] * q1;
-    a10 += k1[d] * q0;
-    a11 += k1[d] * q1;
-    a20 += k2[d] * q0;
-    a21 += k2[d] * q1;
-    a30 += k3[d] * q0;
-    a31 += k3[d] * q1;
+    typename I::V q[I::kVecs];
+    for (int h = 0; h < I::kVecs; ++h) q[h] = LoadV<I>(qT + d * kRows + h * I::W);
+#pragma GCC unroll 16
+    for (int j = 0; j < kKeys; ++j) {
+      const float k = keys[j * hd + d];
+#pragma GCC unroll 4
+      for (int h = 0; h < I::kVecs; ++h) a[j][h] += k * q[h];
+    }
   }
-  StoreV(sT, a00);
-  StoreV(sT + 8, a01);
-  StoreV(sT + kRows, a10);
-  StoreV(sT + kRows + 8, a11);
-  StoreV(sT + 2 * kRows, a20);
-  StoreV(sT + 2 * kRows + 8, a21);
-  StoreV(sT + 3 * kRows, a30);
-  StoreV(sT + 3 * kRows + 8, a31);
+  for (int j = 0; j < kKeys; ++j) {
+    for (int h = 0; h < I::kVecs; ++h) StoreV<I>(sT + j * kRows + h * I::W, a[j][h]);
+  }
 }
 
-// acc[r][0..16) += sum_k pT[k][r] * v[k][0..16) for four rows r (acc rows hd apart,
-// pT rows kRows apart, value rows v_stride apart).
-STREAMSPEC_INLINE void MicroPV(const float* __restrict pT, int64_t nk, const float* __restrict v, int64_t v_stride,
+// acc[r][0..16) += sum_k pT[k][r] * v[k][0..16) for kPvRows rows r (acc rows hd apart,
+// pT rows kRows apart, value rows hd apart).
+template <class I>
+STREAMSPEC_INLINE void MicroPV(const float* __restrict pT, int64_t nk, const float* __restrict v,
                                float* __restrict acc, int64_t hd) {
-  V8 a00 = LoadV(acc), a01 = LoadV(acc + 8);
-  V8 a10 = LoadV(acc + hd), a11 = LoadV(acc + hd + 8);
-  V8 a20 = LoadV(acc + 2 * hd), a21 = LoadV(acc + 2 * hd + 8);
-  V8 a30 = LoadV(acc + 3 * hd), a31 = LoadV(acc + 3 * hd + 8);
-  for (int64_t k = 0; k < nk; ++k) {
-    const V8 v0 = LoadV(v + k * v_stride);
-    const V8 v1 = LoadV(v + k * v_stride + 8);
-    const float* p = pT + k * kRows;
-    a00 += p[0] * v0;
-    a01 += p[0] * v1;
-    a10 += p[1] * v0;
-    a11 += p[1] * v1;
-    a20 += p[2] * v0;
-    a21 += p[2] * v1;
-    a30 += p[3] * v0;
-    a31 += p[3] * v1;
+  typename I::V a[I::kPvRows][I::kVecs];
+  for (int r = 0; r < I::kPvRows; ++r) {
+    for (int h = 0; h < I::kVecs; ++h) a[r][h] = LoadV<I>(acc + r * hd + h * I::W);
   }
-  StoreV(acc, a00);
-  StoreV(acc + 8, a01);
-  StoreV(acc + hd, a10);
-  StoreV(acc + hd + 8, a11);
-  StoreV(acc + 2 * hd, a20);
-  StoreV(acc + 2 * hd + 8, a21);
-  StoreV(acc + 3 * hd, a30);
-  StoreV(acc + 3 * hd + 8, a31);
+  for (int64_t k = 0; k < nk; ++k) {
+    typename I::V vk[I::kVecs];
+    for (int h = 0; h < I::kVecs; ++h) vk[h] = LoadV<I>(v + k * hd + h * I::W);
+    const float* p = pT + k * kRows;
+#pragma GCC unroll 16
+    for (int r = 0; r < I::kPvRows; ++r) {
+#pragma GCC unroll 4
+      for (int h = 0; h < I::kVecs; ++h) a[r][h] += p[r] * vk[h];
+    }
+  }
+  for (int r = 0; r < I::kPvRows; ++r) {
+    for (int h = 0; h < I::kVecs; ++h) StoreV<I>(acc + r * hd + h * I::W, a[r][h]);
+  }
 }
 
 // ---------------------------------------------------------------------------------
@@ -304,9 +288,11 @@ struct Job {
   float* value_f32 = nullptr;
   int64_t convert_chunk = 0;  // rows per conversion task
   int64_t row_blocks = 0;     // blocks of kRows virtual rows per kv head
-  int64_t splits = 1;         // slices of the cache per row block
+  int64_t group_blocks = 0;   // row blocks per task (they share each cache tile)
+  int64_t groups = 0;         // groups of row blocks per kv head
+  int64_t splits = 1;         // slices of the cache per group
   int64_t split_len = 0;      // keys per slice (multiple of kKeyTile)
-  // Split-K partial results, [task][kRows][hd + 2] (acc, m, l).
+  // Split-K partial results, [kv head][row block][slice][kRows][hd + 2] (acc, m, l).
   float* partials = nullptr;
   // CSR list, per query row, of the new rows (indices into key/value) it attends to.
   std::vector<int32_t> list_offsets;
@@ -326,53 +312,156 @@ STREAMSPEC_INLINE void ConvertTaskImpl(const Job<uint16_t>& job, size_t task) {
   LoadRow(job.value_f32 + dst, job.value_cache + src, n);
 }
 
-// Attention task: kv head, block of kRows virtual rows, slice of the cache.
+// One block of kRows virtual rows (query head, query row) of a kv group, with its
+// running softmax state.  All arrays live in the task's scratch.
+struct Block {
+  int64_t rows = 0;  // real rows (the rest are zero padding lanes)
+  int64_t row_of[kRows];
+  int64_t head_of[kRows];
+  float* q;    // [kRows][hd], scaled
+  float* qT;   // [hd][kRows]
+  float* acc;  // [kRows][hd], unnormalised output
+  float* m;    // [kRows] running maximum
+  float* l;    // [kRows] running sum
+};
+
 template <typename T>
-STREAMSPEC_INLINE void RunTaskImpl(const Job<T>& job, size_t task) {
+STREAMSPEC_INLINE void InitBlock(const Job<T>& job, int64_t kvh, int64_t block, float* scratch, Block& b) {
   const TreeAttentionShape& sh = job.shape;
   const int64_t hd = sh.head_dim;
   const int64_t group = sh.num_heads / sh.kv_num_heads;
-  const int64_t split = static_cast<int64_t>(task) % job.splits;
-  const int64_t block = (static_cast<int64_t>(task) / job.splits) % job.row_blocks;
-  const int64_t kvh = static_cast<int64_t>(task) / job.splits / job.row_blocks;
   const int64_t v0 = block * kRows;
-  const int64_t rows = std::min(kRows, group * sh.seq - v0);
-  const int64_t rows4 = (rows + 3) / 4 * 4;
-  const int64_t q_stride = sh.num_heads * hd;
-  const int64_t kv_stride = sh.kv_num_heads * hd;
-  const int64_t hd16 = hd / 16 * 16;
-
-  // Scratch: q[kRows][hd], qT[hd][kRows], acc[kRows][hd], sT[kKeyTile][kRows], and
-  // two rows for the new keys.
-  thread_local std::vector<float> scratch;
-  const size_t need = static_cast<size_t>(3 * kRows * hd + kKeyTile * kRows + 2 * hd);
-  if (scratch.size() < need) scratch.resize(need);
-  float* q = scratch.data();
-  float* qT = q + kRows * hd;
-  float* acc = qT + kRows * hd;
-  float* sT = acc + kRows * hd;
-  float* k_row = sT + kKeyTile * kRows;
-  float* v_row = k_row + hd;
-
-  int64_t row_of[kRows];
-  int64_t head_of[kRows];
-  alignas(32) float m[kRows];
-  alignas(32) float l[kRows];
+  b.rows = std::min(kRows, group * sh.seq - v0);
+  b.q = scratch;
+  b.qT = b.q + kRows * hd;
+  b.acc = b.qT + kRows * hd;
+  b.m = b.acc + kRows * hd;
+  b.l = b.m + kRows;
+  std::fill(b.acc, b.acc + kRows * hd, 0.f);
+  std::fill(b.m, b.m + kRows, -1e30f);
+  std::fill(b.l, b.l + kRows, 0.f);
   for (int64_t i = 0; i < kRows; ++i) {
-    float* qi = q + i * hd;
-    std::fill(acc + i * hd, acc + (i + 1) * hd, 0.f);
-    m[i] = -1e30f;
-    l[i] = 0.f;
-    if (i >= rows) {  // padding lanes
+    float* qi = b.q + i * hd;
+    if (i >= b.rows) {  // padding lanes
       std::fill(qi, qi + hd, 0.f);
     } else {
-      head_of[i] = kvh * group + (v0 + i) / sh.seq;
-      row_of[i] = (v0 + i) % sh.seq;
-      LoadRow(qi, job.query + row_of[i] * q_stride + head_of[i] * hd, hd);
+      b.head_of[i] = kvh * group + (v0 + i) / sh.seq;
+      b.row_of[i] = (v0 + i) % sh.seq;
+      LoadRow(qi, job.query + b.row_of[i] * sh.num_heads * hd + b.head_of[i] * hd, hd);
       Scale(qi, sh.scale, hd);
     }
-    for (int64_t d = 0; d < hd; ++d) qT[d * kRows + i] = qi[d];
+    for (int64_t d = 0; d < hd; ++d) b.qT[d * kRows + i] = qi[d];
   }
+}
+constexpr int64_t BlockFloats(int64_t hd) { return 3 * kRows * hd + 2 * kRows; }
+
+// One tile of nk committed keys kt / values vt ([nk][hd] each) for one block: scores
+// (into sT, [kKeyTile][kRows]), online softmax across the 16 rows, value product.
+template <class I>
+STREAMSPEC_INLINE void CacheTile(Block& b, const float* __restrict kt, const float* __restrict vt, int64_t nk,
+                                 int64_t hd, float* __restrict sT) {
+  using V = typename I::V;
+  int64_t k = 0;
+  for (; k + I::kKeys <= nk; k += I::kKeys) MicroQK<I, I::kKeys>(b.qT, hd, kt + k * hd, sT + k * kRows);
+  for (; k < nk; ++k) MicroQK<I, 1>(b.qT, hd, kt + k * hd, sT + k * kRows);
+  alignas(64) float corr[kRows];
+  for (int64_t h = 0; h < kRows; h += I::W) {
+    const V m_old = LoadV<I>(b.m + h);
+    V m_new = m_old;
+    for (k = 0; k < nk; ++k) m_new = Max<I>(m_new, LoadV<I>(sT + k * kRows + h));
+    V sum = {};
+    for (k = 0; k < nk; ++k) {
+      const V p = Exp<I>(LoadV<I>(sT + k * kRows + h) - m_new);
+      StoreV<I>(sT + k * kRows + h, p);
+      sum += p;
+    }
+    const V c = Exp<I>(m_old - m_new);
+    StoreV<I>(b.l + h, LoadV<I>(b.l + h) * c + sum);
+    StoreV<I>(b.m + h, m_new);
+    StoreV<I>(corr + h, c);
+  }
+  // Rows up to a multiple of the value kernel's (padding rows are zero queries: finite).
+  const int64_t rows = (b.rows + I::kPvRows - 1) / I::kPvRows * I::kPvRows;
+  for (int64_t i = 0; i < rows; ++i) Scale(b.acc + i * hd, corr[i], hd);
+  const int64_t hd16 = hd / 16 * 16;
+  for (int64_t rb = 0; rb < rows; rb += I::kPvRows) {
+    for (int64_t d0 = 0; d0 < hd16; d0 += 16) MicroPV<I>(sT + rb, nk, vt + d0, b.acc + rb * hd + d0, hd);
+    for (int64_t r = rb; r < rb + I::kPvRows && hd16 < hd; ++r) {  // leftover dims
+      for (k = 0; k < nk; ++k) Axpy(b.acc + r * hd + hd16, sT[k * kRows + r], vt + k * hd + hd16, hd - hd16);
+    }
+  }
+}
+
+// Each row of the block visits its own new keys: its tree path, and for stream rows
+// the lower streams of the same node.  Scores first, then one softmax update per row.
+template <typename T>
+STREAMSPEC_INLINE void NewKeys(const Job<T>& job, int64_t kvh, Block& b, float* __restrict s, float* k_row,
+                               float* v_row) {
+  const int64_t hd = job.shape.head_dim;
+  const int64_t kv_stride = job.shape.kv_num_heads * hd;
+  const int64_t batch = kKeyTile * kRows;  // s holds this many scores
+  for (int64_t i = 0; i < b.rows; ++i) {
+    const int64_t r = b.row_of[i];
+    const float* qi = b.q + i * hd;
+    float* ai = b.acc + i * hd;
+    for (int64_t e0 = job.list_offsets[r]; e0 < job.list_offsets[r + 1]; e0 += batch) {
+      const int64_t ne = std::min<int64_t>(batch, job.list_offsets[r + 1] - e0);
+      float mx = b.m[i];
+      for (int64_t e = 0; e < ne; ++e) {
+        const T* krow = job.key + job.list_rows[e0 + e] * kv_stride + kvh * hd;
+        if constexpr (std::is_same<T, float>::value) {
+          s[e] = Dot(qi, krow, hd);
+        } else {
+          LoadRow(k_row, krow, hd);
+          s[e] = Dot(qi, k_row, hd);
+        }
+        mx = std::max(mx, s[e]);
+      }
+      const float corr = ExpNonPositive(b.m[i] - mx);
+      float sum = 0.f;
+      for (int64_t e = 0; e < ne; ++e) {
+        s[e] = ExpNonPositive(s[e] - mx);
+        sum += s[e];
+      }
+      b.l[i] = b.l[i] * corr + sum;
+      b.m[i] = mx;
+      Scale(ai, corr, hd);
+      for (int64_t e = 0; e < ne; ++e) {
+        const T* vrow = job.value + job.list_rows[e0 + e] * kv_stride + kvh * hd;
+        if constexpr (std::is_same<T, float>::value) {
+          Axpy(ai, s[e], vrow, hd);
+        } else {
+          LoadRow(v_row, vrow, hd);
+          Axpy(ai, s[e], v_row, hd);
+        }
+      }
+    }
+  }
+}
+
+// Attention task: kv head, group of row blocks, slice of the cache.  The cache is the
+// outer loop, so each tile of keys and values is read once for the whole group while
+// it sits in the L1 cache.
+template <typename T, class I>
+STREAMSPEC_INLINE void RunTaskImpl(const Job<T>& job, size_t task) {
+  const TreeAttentionShape& sh = job.shape;
+  const int64_t hd = sh.head_dim;
+  const int64_t split = static_cast<int64_t>(task) % job.splits;
+  const int64_t grp = (static_cast<int64_t>(task) / job.splits) % job.groups;
+  const int64_t kvh = static_cast<int64_t>(task) / job.splits / job.groups;
+  const int64_t first = grp * job.group_blocks;
+  const int64_t nb = std::min(job.group_blocks, job.row_blocks - first);
+
+  // Scratch: the blocks, sT[kKeyTile][kRows] and two rows for float16 new keys.
+  thread_local std::vector<float> scratch;
+  thread_local std::vector<Block> blocks;
+  const size_t need = static_cast<size_t>(nb * BlockFloats(hd) + kKeyTile * kRows + 2 * hd);
+  if (scratch.size() < need) scratch.resize(need);
+  if (blocks.size() < static_cast<size_t>(nb)) blocks.resize(static_cast<size_t>(nb));
+  float* sT = scratch.data() + nb * BlockFloats(hd);
+  float* k_row = sT + kKeyTile * kRows;
+  float* v_row = k_row + hd;
+  for (int64_t b = 0; b < nb; ++b) InitBlock(job, kvh, first + b, scratch.data() + b * BlockFloats(hd), blocks[b]);
 
   // 1. The committed cache, keys [lo, hi) of this task's slice.
   const int64_t lo = split * job.split_len;
@@ -388,96 +477,27 @@ STREAMSPEC_INLINE void RunTaskImpl(const Job<T>& job, size_t task) {
   }
   for (int64_t t0 = lo; t0 < hi; t0 += kKeyTile) {
     const int64_t nk = std::min(kKeyTile, hi - t0);
-    const float* kt = kc + t0 * hd;
-    for (int64_t k = 0; k < nk; k += 4) {
-      // The last group may reach past nk: repeat a valid row, the scores are unused.
-      const float* k0 = kt + k * hd;
-      const float* k1 = kt + std::min(k + 1, nk - 1) * hd;
-      const float* k2 = kt + std::min(k + 2, nk - 1) * hd;
-      const float* k3 = kt + std::min(k + 3, nk - 1) * hd;
-      MicroQK(qT, hd, k0, k1, k2, k3, sT + k * kRows);
-    }
-    // Online softmax, vectorised across the 16 rows.
-    for (int64_t h = 0; h < kRows; h += 8) {
-      const V8 m_old = LoadV(m + h);
-      V8 m_new = m_old;
-      for (int64_t k = 0; k < nk; ++k) m_new = Max8(m_new, LoadV(sT + k * kRows + h));
-      V8 sum = {};
-      for (int64_t k = 0; k < nk; ++k) {
-        const V8 p = Exp8(LoadV(sT + k * kRows + h) - m_new);
-        StoreV(sT + k * kRows + h, p);
-        sum += p;
-      }
-      const V8 corr = Exp8(m_old - m_new);
-      StoreV(l + h, LoadV(l + h) * corr + sum);
-      StoreV(m + h, m_new);
-      for (int64_t i = 0; i < 8 && h + i < rows4; ++i) Scale(acc + (h + i) * hd, corr[i], hd);
-    }
-    const float* vt = vc + t0 * hd;
-    for (int64_t rb = 0; rb < rows4; rb += 4) {
-      for (int64_t d0 = 0; d0 < hd16; d0 += 16) MicroPV(sT + rb, nk, vt + d0, hd, acc + rb * hd + d0, hd);
-      for (int64_t r = rb; r < rb + 4 && hd16 < hd; ++r) {  // leftover dims
-        for (int64_t k = 0; k < nk; ++k) Axpy(acc + r * hd + hd16, sT[k * kRows + r], vt + k * hd + hd16, hd - hd16);
-      }
-    }
+    for (int64_t b = 0; b < nb; ++b) CacheTile<I>(blocks[b], kc + t0 * hd, vc + t0 * hd, nk, hd, sT);
   }
 
-  // 2. (first slice only) each row's own new keys: its tree path, and the lower
-  // streams of the same node.  Scores first, then one softmax update per row.
-  if (split == 0) {
-    float* s = sT;  // reused: up to kKeyTile * kRows scores per batch
-    const int64_t batch = kKeyTile * kRows;
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t r = row_of[i];
-      const float* qi = q + i * hd;
-      float* ai = acc + i * hd;
-      for (int64_t e0 = job.list_offsets[r]; e0 < job.list_offsets[r + 1]; e0 += batch) {
-        const int64_t ne = std::min<int64_t>(batch, job.list_offsets[r + 1] - e0);
-        float mx = m[i];
-        for (int64_t e = 0; e < ne; ++e) {
-          const int64_t src = job.list_rows[e0 + e];
-          const T* krow = job.key + src * kv_stride + kvh * hd;
-          if constexpr (std::is_same<T, float>::value) {
-            s[e] = Dot(qi, krow, hd);
-          } else {
-            LoadRow(k_row, krow, hd);
-            s[e] = Dot(qi, k_row, hd);
-          }
-          mx = std::max(mx, s[e]);
-        }
-        const float corr = ExpNonPositive(m[i] - mx);
-        float sum = 0.f;
-        for (int64_t e = 0; e < ne; ++e) {
-          s[e] = ExpNonPositive(s[e] - mx);
-          sum += s[e];
-        }
-        l[i] = l[i] * corr + sum;
-        m[i] = mx;
-        Scale(ai, corr, hd);
-        for (int64_t e = 0; e < ne; ++e) {
-          const T* vrow = job.value + job.list_rows[e0 + e] * kv_stride + kvh * hd;
-          if constexpr (std::is_same<T, float>::value) {
-            Axpy(ai, s[e], vrow, hd);
-          } else {
-            LoadRow(v_row, vrow, hd);
-            Axpy(ai, s[e], v_row, hd);
-          }
-        }
+  for (int64_t b = 0; b < nb; ++b) {
+    Block& blk = blocks[b];
+    // 2. (first slice only) the new keys.
+    if (split == 0) NewKeys(job, kvh, blk, sT, k_row, v_row);
+    // 3. Output, or a partial result for the merge.
+    if (job.splits == 1) {
+      for (int64_t i = 0; i < blk.rows; ++i) {
+        StoreRow(job.output + blk.row_of[i] * sh.num_heads * hd + blk.head_of[i] * hd, blk.acc + i * hd,
+                 1.0f / blk.l[i], hd);
       }
-    }
-  }
-
-  // 3. Output, or a partial result for the merge.
-  if (job.splits == 1) {
-    for (int64_t i = 0; i < rows; ++i) {
-      StoreRow(job.output + row_of[i] * q_stride + head_of[i] * hd, acc + i * hd, 1.0f / l[i], hd);
-    }
-  } else {
-    float* part = job.partials + static_cast<int64_t>(task) * kRows * (hd + 2);
-    for (int64_t i = 0; i < rows; ++i) {
-      std::memcpy(part + i * (hd + 2), acc + i * hd, static_cast<size_t>(hd) * sizeof(float));
-      part[i * (hd + 2) + hd] = m[i];
-      part[i * (hd + 2) + hd + 1] = l[i];
+    } else {
+      const int64_t slot = (kvh * job.row_blocks + first + b) * job.splits + split;
+      float* part = job.partials + slot * kRows * (hd + 2);
+      for (int64_t i = 0; i < blk.rows; ++i) {
+        std::memcpy(part + i * (hd + 2), blk.acc + i * hd, static_cast<size_t>(hd) * sizeof(float));
+        part[i * (hd + 2) + hd] = blk.m[i];
+        part[i * (hd + 2) + hd + 1] = blk.l[i];
+      }
     }
   }
 }
@@ -513,17 +533,51 @@ STREAMSPEC_INLINE void MergeTaskImpl(const Job<T>& job, size_t task) {
   }
 }
 
-// Non-template entry points, so that the x86-64 clones apply to whole tasks.
-STREAMSPEC_HOT void RunTask(const Job<float>& job, size_t task) { RunTaskImpl<float>(job, task); }
-STREAMSPEC_HOT void RunTask(const Job<uint16_t>& job, size_t task) { RunTaskImpl<uint16_t>(job, task); }
+// Entry points.  The attention task exists once per instruction set (see Isa) and is
+// picked per call by RunThunkFor; merge and conversion are short scalar loops, left to
+// the compiler's clones.
+template <typename T, class I>
+STREAMSPEC_INLINE void RunTaskAs(void* data, size_t task) {
+  RunTaskImpl<T, I>(*static_cast<const Job<T>*>(data), task);
+}
+template <typename T>
+void RunBase(void* data, size_t task) { RunTaskAs<T, IsaBase>(data, task); }
+#if defined(__x86_64__)
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))) void RunAvx512(void* data, size_t task) {
+  RunTaskAs<T, IsaAvx512>(data, task);
+}
+template <typename T>
+__attribute__((target("avx2,fma"))) void RunAvx2(void* data, size_t task) { RunTaskAs<T, IsaAvx2>(data, task); }
+#endif
+
+// The best kernel this CPU runs; the environment variable STREAMSPEC_CPU_KERNEL=avx2|base
+// selects a lower one (tests check every kernel on one machine).
+template <typename T>
+void (*RunThunkFor())(void*, size_t) {
+#if defined(__x86_64__)
+  static const int level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+      return 2;
+    }
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+  }();
+  const char* wanted = std::getenv("STREAMSPEC_CPU_KERNEL");
+  int use = level;
+  if (wanted != nullptr && std::strcmp(wanted, "avx2") == 0) use = std::min(level, 1);
+  if (wanted != nullptr && std::strcmp(wanted, "base") == 0) use = 0;
+  if (use == 2) return &RunAvx512<T>;
+  if (use == 1) return &RunAvx2<T>;
+#endif
+  return &RunBase<T>;
+}
+
 STREAMSPEC_HOT void MergeTask(const Job<float>& job, size_t task) { MergeTaskImpl<float>(job, task); }
 STREAMSPEC_HOT void MergeTask(const Job<uint16_t>& job, size_t task) { MergeTaskImpl<uint16_t>(job, task); }
 STREAMSPEC_HOT void ConvertTask(const Job<uint16_t>& job, size_t task) { ConvertTaskImpl(job, task); }
 
-template <typename T>
-void RunThunk(void* data, size_t task) {
-  RunTask(*static_cast<const Job<T>*>(data), task);
-}
 template <typename T>
 void MergeThunk(void* data, size_t task) {
   MergeTask(*static_cast<const Job<T>*>(data), task);
@@ -587,15 +641,26 @@ const char* Run(const TreeAttentionShape& sh, const T* query, const T* key, cons
   job.output = output;
   job.past = past;
 
-  // Tasks: kv heads x row blocks, times cache slices when that is too few.
+  // Tasks: kv heads x groups of row blocks x slices of the cache.  Large groups read
+  // each cache tile once for many rows; when that leaves fewer tasks than the threads
+  // can use, the cache is split first (split-K, merged afterwards), then the groups.
   const int64_t group = sh.num_heads / sh.kv_num_heads;
+  const int64_t min_tasks = MinTasks();
   job.row_blocks = (group * sh.seq + kRows - 1) / kRows;
-  const int64_t base = sh.kv_num_heads * job.row_blocks;
+  int64_t groups = (job.row_blocks + kMaxGroupBlocks - 1) / kMaxGroupBlocks;
   int64_t splits = 1;
-  if (base < kMinTasks) splits = std::min((kMinTasks + base - 1) / base, past / (4 * kKeyTile));
-  splits = std::max<int64_t>(splits, 1);
+  if (sh.kv_num_heads * groups < min_tasks) {
+    const int64_t want = (min_tasks + sh.kv_num_heads * groups - 1) / (sh.kv_num_heads * groups);
+    splits = std::max<int64_t>(std::min(want, past / (4 * kKeyTile)), 1);
+    if (sh.kv_num_heads * groups * splits < min_tasks) {
+      groups = std::min(job.row_blocks, (min_tasks + sh.kv_num_heads * splits - 1) / (sh.kv_num_heads * splits));
+    }
+  }
+  job.group_blocks = (job.row_blocks + groups - 1) / groups;
+  job.groups = (job.row_blocks + job.group_blocks - 1) / job.group_blocks;
   job.split_len = std::max<int64_t>((past + splits - 1) / splits + kKeyTile - 1, kKeyTile) / kKeyTile * kKeyTile;
   job.splits = std::max<int64_t>((past + job.split_len - 1) / job.split_len, 1);
+  const int64_t base = sh.kv_num_heads * job.row_blocks;  // merge tasks
 
   // Buffers kept by the calling thread between calls: float16 cache as float, and the
   // split-K partial results.
@@ -647,7 +712,7 @@ const char* Run(const TreeAttentionShape& sh, const T* query, const T* key, cons
       ParallelRun(parallel_for, runner, &ConvertThunk, static_cast<size_t>(sh.kv_num_heads * chunks), &job);
     }
   }
-  ParallelRun(parallel_for, runner, &RunThunk<T>, static_cast<size_t>(base * job.splits), &job);
+  ParallelRun(parallel_for, runner, RunThunkFor<T>(), static_cast<size_t>(sh.kv_num_heads * job.groups * job.splits), &job);
   if (job.splits > 1) ParallelRun(parallel_for, runner, &MergeThunk<T>, static_cast<size_t>(base), &job);
   return nullptr;
 }
