@@ -231,6 +231,7 @@ F32_CASES = [
     (4, 1, 48, 37, "star", 3, 17, 17, 64),
     (4, 2, 24, 11, "random", 3, 0, 0, 16),
     (2, 1, 8, 2, "chain", 3, 1000, 2, 1010),  # head_dim below one vector, cache split
+    (9, 3, 64, 41, "random", 3, 1500, 5, 1700),  # 31 row blocks: uneven groups and last block
 ]
 F16_CASES = [
     (4, 4, 16, 1, "chain", 3, 0, 0, 8),
@@ -293,6 +294,18 @@ def test_parity_float32(case, provider, libraries):
 @pytest.mark.parametrize("case", F16_CASES, ids=_case_id)
 def test_parity_float16(case, provider, libraries):
     _check_case(case, np.float16, provider, libraries, seed=zlib.crc32(_case_id(case).encode()))
+
+
+# The CPU library holds one attention kernel per instruction set (AVX-512, AVX2, 128-bit)
+# and runs the best the CPU has; STREAMSPEC_CPU_KERNEL selects a lower one, so that every
+# kernel this machine can run is checked, not only the best.
+@pytest.mark.parametrize("kernel", ["avx2", "base"])
+def test_parity_lower_cpu_kernels(kernel, libraries, monkeypatch):
+    monkeypatch.setenv("STREAMSPEC_CPU_KERNEL", kernel)
+    for case in (F32_CASES[5], F32_CASES[8], F32_CASES[11], F32_CASES[12]):
+        _check_case(case, np.float32, "cpu", libraries, seed=zlib.crc32(_case_id(case).encode()))
+    for case in (F16_CASES[3], F16_CASES[4]):
+        _check_case(case, np.float16, "cpu", libraries, seed=zlib.crc32(_case_id(case).encode()))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
