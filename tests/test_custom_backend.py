@@ -114,3 +114,20 @@ def test_custom_compaction_with_long_accepted_paths(backends, monkeypatch):
         pieces, stats = generate_with_oracle_trees(engine, engine.prompt_ids(prompt), reference, 30, monkeypatch)
         assert_tokens_match(pieces, reference, logits)
         assert len(pieces) == 30 and max(stats.accepted) >= 2
+
+
+def test_bench_attention_reports_both_backends(custom_library, smollm2_dir, tmp_path):
+    """The benchmark command runs end to end (tiny model) and writes one row per cell."""
+    import json
+
+    from streamspec.tools import bench_attention
+
+    out = tmp_path / "attention.json"
+    code = bench_attention.main(["--model", "tiny", "--trees", "1", "5", "--pasts", "16", "300",
+                                 "--repeats", "2", "--warmup", "1", "--threads", "1", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    cells = {(row["past_length"], row["tree_size"]) for row in report["results"]}
+    assert cells == {(16, 1), (16, 5), (300, 1), (300, 5)}
+    for row in report["results"]:
+        assert row["portable_ms"] > 0 and row["custom_ms"] > 0 and row["speedup"] > 0

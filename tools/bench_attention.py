@@ -10,7 +10,8 @@ their values). One step = one `StepSession.run` of a random tree of T nodes, eve
 with its γ stream rows and its outputs (what the engine runs while drafting), over a
 cache of P committed rows. Both backends are loaded side by side; after a warm-up each
 repeat runs them in turn, alternating which goes first, so that drifting machine load
-hits both alike; the median of the repeats is reported.
+hits both alike; the medians of the repeats are reported, and the speed-up is the median
+of the per-repeat ratios (two steps run back to back), which drifting load disturbs least.
 """
 
 from __future__ import annotations
@@ -115,8 +116,15 @@ def tree_feeds(rng: np.random.Generator, nodes: int, past: int, vocab: int) -> d
                 uniform=np.zeros(0, np.float32))
 
 
-def measure(sessions: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int, repeats: int) -> dict[str, float]:
-    """Median step milliseconds per backend, the backends interleaved."""
+def measure(sessions: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int,
+            repeats: int) -> tuple[dict[str, float], float]:
+    """Median step milliseconds per backend, the backends interleaved, and the median
+    of the per-repeat ratios portable / custom (each ratio compares two steps run back
+    to back, so load that drifts between repeats cancels out).
+
+    Each turn runs one untimed step first: after a run, ONNX Runtime's worker threads
+    spin for a while waiting for more work, and the other session's threads spinning
+    would otherwise steal the cores from the timed step."""
     for session in sessions.values():
         for _ in range(warmup):
             session.run(feeds)
@@ -124,10 +132,13 @@ def measure(sessions: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int,
     order = list(sessions)
     for repeat in range(repeats):
         for name in (order if repeat % 2 == 0 else order[::-1]):
+            sessions[name].run(feeds)
             start = time.perf_counter()
             sessions[name].run(feeds)
             times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+    medians = {name: 1000 * statistics.median(values) for name, values in times.items()}
+    ratio = statistics.median(p / c for p, c in zip(times["portable"], times["custom"]))
+    return medians, ratio
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -154,14 +165,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for past in args.pasts:
         for nodes in args.trees:
             with console.status(f"past {past}, tree {nodes}"):
-                ms = measure(sessions, tree_feeds(rng, nodes, past, vocab), args.warmup, args.repeats)
+                ms, ratio = measure(sessions, tree_feeds(rng, nodes, past, vocab), args.warmup, args.repeats)
             rows.append({"past_length": past, "tree_size": nodes, "portable_ms": ms["portable"],
-                         "custom_ms": ms["custom"], "speedup": ms["portable"] / ms["custom"]})
+                         "custom_ms": ms["custom"], "speedup": ratio})
             console.log(f"past {past:5d} tree {nodes:3d}: portable {ms['portable']:.2f} ms, "
                         f"custom {ms['custom']:.2f} ms")
 
     table = Table(title=f"Step latency on CPU, {args.model}, γ={NUM_STREAMS} (median of {args.repeats}, ms)")
-    for column in ("past", "tree", "portable", "custom", "custom speedup"):
+    for column in ("past", "tree", "portable", "custom", "custom speedup (paired)"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(str(row["past_length"]), str(row["tree_size"]), f"{row['portable_ms']:.2f}",
