@@ -33,7 +33,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .config import ModelConfig, StreamConfig
-from .errors import StreamspecError
+from .errors import StreamspecError, read_json_file
 from .model import Transformer, load_base_weights
 
 FORMAT = "streamspec-checkpoint"
@@ -164,19 +164,13 @@ def read_checkpoint_info(folder: Union[str, Path], base: Union[str, os.PathLike,
     if not folder.is_dir():
         raise StreamspecError(f"The checkpoint folder {folder} does not exist.")
     config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise StreamspecError(f"{folder} is not a streamspec checkpoint (it has no {CONFIG_FILE}).")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise StreamspecError(f"{config_path} is corrupt (not valid JSON).") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StreamspecError(f"{folder} is not a streamspec training checkpoint ({CONFIG_FILE} names another format).")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise StreamspecError(
-            f"{folder} is in checkpoint format version {meta.get('format_version')}, but this "
-            f"streamspec reads version {FORMAT_VERSION}."
-        )
+    meta = read_json_file(
+        config_path, missing=f"{folder} is not a streamspec checkpoint (it has no {CONFIG_FILE}).",
+        corrupt=f"{config_path} is corrupt (not valid JSON).", fmt=FORMAT,
+        wrong_format=f"{folder} is not a streamspec training checkpoint ({CONFIG_FILE} names another format).",
+        version=FORMAT_VERSION,
+        wrong_version=f"{folder} is in checkpoint format version {{found}}, but this streamspec reads version "
+                      f"{FORMAT_VERSION}.")
     try:
         recorded = meta["base"]
         model = ModelConfig.from_dict(meta["model"])

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .config import SUPPORTED_MODEL_TYPES
-from .errors import StreamspecError
+from .errors import StreamspecError, read_json_file
 
 if TYPE_CHECKING:  # torch and transformers are imported lazily: they take seconds
     import torch
@@ -87,15 +87,8 @@ def resolve_base(spec: Union[str, os.PathLike, None] = None, progress: bool = Tr
 
 def _read_config_json(folder: Path) -> dict[str, Any]:
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise StreamspecError(f"{folder} has no config.json, so it is not a Hugging Face model folder.")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise StreamspecError(f"{config_path} is not valid JSON.") from None
-    if not isinstance(config, dict):
-        raise StreamspecError(f"{config_path} is not a JSON object.")
-    return config
+    return read_json_file(config_path, missing=f"{folder} has no config.json, so it is not a Hugging Face model folder.",
+                          corrupt=f"{config_path} is not valid JSON.", wrong_format=f"{config_path} is not a JSON object.")
 
 
 def weight_files(folder: Union[str, os.PathLike]) -> list[Path]:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
-from streamspec.errors import StreamspecError
+from streamspec.errors import StreamspecError, read_json_file
 
 from .session import common_prefix
 
@@ -200,17 +200,13 @@ def _finish(pieces: Iterator[str], engine: "Engine") -> "Generation":
 
 def _read_state(folder: Path) -> dict[str, Any]:
     """conversation.json, checked; one sentence when it is not a saved conversation."""
-    try:
-        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StreamspecError(f"{folder} holds no {STATE_FILE}, so it is not a saved conversation.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise StreamspecError(f"{folder / STATE_FILE} is not valid JSON (corrupt or truncated).") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise StreamspecError(f"{folder / STATE_FILE} does not describe a saved conversation.")
-    if state.get("format_version") != FORMAT_VERSION:
-        raise StreamspecError(f"{folder} was saved in format version {state.get('format_version')}, but this "
-                              f"streamspec reads version {FORMAT_VERSION}.")
+    state = read_json_file(
+        folder / STATE_FILE, missing=f"{folder} holds no {STATE_FILE}, so it is not a saved conversation.",
+        corrupt=f"{folder / STATE_FILE} is not valid JSON (corrupt or truncated).",
+        fmt=FORMAT, wrong_format=f"{folder / STATE_FILE} does not describe a saved conversation.",
+        version=FORMAT_VERSION,
+        wrong_version=f"{folder} was saved in format version {{found}}, but this streamspec reads version "
+                      f"{FORMAT_VERSION}.")
     ids, rows = state.get("token_ids"), state.get("rows")
     if (not isinstance(ids, list) or not all(isinstance(t, int) for t in ids) or not isinstance(rows, int)
             or not 0 <= rows <= len(ids) or not isinstance(state.get("messages"), list)

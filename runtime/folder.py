@@ -34,13 +34,12 @@ streamspec.json, format_version 1:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from streamspec.errors import StreamspecError
+from streamspec.errors import StreamspecError, read_json_file
 
 FORMAT = "streamspec-deployable"
 FORMAT_VERSION = 1
@@ -172,19 +171,12 @@ def read_folder(folder: Union[str, os.PathLike]) -> DeployConfig:
     if not folder.is_dir():
         raise StreamspecError(f"{folder} is not a folder; pass the folder written by `streamspec export`.")
     config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise StreamspecError(f"{folder} has no {CONFIG_FILE}, so it is not a folder written by `streamspec export`.")
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise StreamspecError(f"{config_path} is not valid JSON (corrupt or truncated).") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise StreamspecError(f"{config_path} does not describe a streamspec deployable folder.")
-    version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise StreamspecError(
-            f"{folder} was exported in format version {version}, but this streamspec reads version "
-            f"{FORMAT_VERSION}; export the model again with this version.")
+    raw = read_json_file(
+        config_path, missing=f"{folder} has no {CONFIG_FILE}, so it is not a folder written by `streamspec export`.",
+        corrupt=f"{config_path} is not valid JSON (corrupt or truncated).", fmt=FORMAT,
+        wrong_format=f"{config_path} does not describe a streamspec deployable folder.", version=FORMAT_VERSION,
+        wrong_version=f"{folder} was exported in format version {{found}}, but this streamspec reads version "
+                      f"{FORMAT_VERSION}; export the model again with this version.")
     for section, keys in _REQUIRED.items():
         if not isinstance(raw.get(section), dict) or any(k not in raw[section] for k in keys):
             raise StreamspecError(f"{config_path} lacks its {section!r} section or part of it (corrupt file).")

@@ -49,7 +49,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from streamspec.errors import StreamspecError
+from streamspec.errors import read_json_file
 
 from .charts import bar
 
@@ -81,19 +81,11 @@ def save(report: dict[str, Any], path: Union[str, Path]) -> Path:
 
 def load(path: Union[str, Path]) -> dict[str, Any]:
     """Read a saved report; one clear sentence when it is not one."""
-    path = Path(path)
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StreamspecError(f"{path} does not exist.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise StreamspecError(f"{path} is not a JSON file (corrupt or truncated).") from None
-    if not isinstance(report, dict) or report.get("format") != FORMAT:
-        raise StreamspecError(f"{path} is not a report written by `streamspec profile --json`.")
-    if report.get("version") != VERSION:
-        raise StreamspecError(f"{path} is a version {report.get('version')} report; this streamspec reads "
-                              f"version {VERSION}.")
-    return report
+    return read_json_file(
+        path, missing=f"{path} does not exist.", corrupt=f"{path} is not a JSON file (corrupt or truncated).",
+        fmt=FORMAT, wrong_format=f"{path} is not a report written by `streamspec profile --json`.",
+        version_key="version", version=VERSION,
+        wrong_version=f"{path} is a version {{found}} report; this streamspec reads version {VERSION}.")
 
 
 def _plain(value: Any) -> Any:
