@@ -59,6 +59,10 @@ class DeployConfig:
         return int(self.raw["model"]["num_layers"])
 
     @property
+    def num_heads(self) -> int:
+        return int(self.raw["model"]["num_heads"])
+
+    @property
     def num_kv_heads(self) -> int:
         return int(self.raw["model"]["num_kv_heads"])
 
@@ -157,7 +161,7 @@ _BLOCKS, _BLOCK = 64, 1 << 16  # blocks of a graph file that the fingerprint has
 
 
 _REQUIRED = {
-    "model": ("num_layers", "num_kv_heads", "head_dim", "vocab_size"),
+    "model": ("num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size"),
     "graph": ("file", "dtype", "candidates", "max_length", "inputs", "outputs", "cache_inputs", "cache_outputs"),
     "attention": ("backend",),
     "tokens": (),

@@ -129,5 +129,8 @@ def test_bench_attention_reports_both_backends(custom_library, smollm2_dir, tmp_
     report = json.loads(out.read_text())
     cells = {(row["past_length"], row["tree_size"]) for row in report["results"]}
     assert cells == {(16, 1), (16, 5), (300, 1), (300, 5)}
-    for row in report["results"]:
+    op_cells = {(row["past_length"], row["tree_size"], row["layer"], row["rows"]) for row in report["op_results"]}
+    assert op_cells == {(p, t, layer, t * (1 + g)) for p in (16, 300) for t in (1, 5)
+                        for layer, g in (("lower", 0), ("MSA", 3))}
+    for row in report["results"] + report["op_results"]:
         assert row["portable_ms"] > 0 and row["custom_ms"] > 0 and row["speedup"] > 0

@@ -21,13 +21,10 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper  # noqa: E402
 
 from streamspec import custom_ops  # noqa: E402
 from streamspec.custom_ops import CustomOpError  # noqa: E402
-
-INPUTS = ["query", "key", "value", "key_cache", "value_cache", "past_length", "tree_parent", "compact_src"]
-OUTPUTS = ["output", "key_cache_out", "value_cache_out"]
+from streamspec.tools.bench_attention import op_model  # noqa: E402
 
 
 def _cuda_wanted() -> bool:
@@ -73,38 +70,7 @@ def libraries(request, cpu_library):
 
 
 def make_model(num_heads, kv_num_heads, head_dim, num_streams, dtype=np.float32, scale=0.0):
-    elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
-    node = helper.make_node(
-        "TreeAttention",
-        INPUTS,
-        OUTPUTS,
-        domain="streamspec",
-        num_heads=num_heads,
-        kv_num_heads=kv_num_heads,
-        scale=float(scale),
-        num_streams=num_streams,
-    )
-    inputs = [
-        helper.make_tensor_value_info("query", elem, [1, "S", num_heads * head_dim]),
-        helper.make_tensor_value_info("key", elem, [1, "S", kv_num_heads * head_dim]),
-        helper.make_tensor_value_info("value", elem, [1, "S", kv_num_heads * head_dim]),
-        helper.make_tensor_value_info("key_cache", elem, [1, kv_num_heads, "L", head_dim]),
-        helper.make_tensor_value_info("value_cache", elem, [1, kv_num_heads, "L", head_dim]),
-        helper.make_tensor_value_info("past_length", TensorProto.INT64, [1]),
-        helper.make_tensor_value_info("tree_parent", TensorProto.INT32, ["N"]),
-        helper.make_tensor_value_info("compact_src", TensorProto.INT32, ["M"]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("output", elem, [1, "S", num_heads * head_dim]),
-        helper.make_tensor_value_info("key_cache_out", elem, [1, kv_num_heads, "L", head_dim]),
-        helper.make_tensor_value_info("value_cache_out", elem, [1, kv_num_heads, "L", head_dim]),
-    ]
-    graph = helper.make_graph([node], "tree_attention", inputs, outputs)
-    return helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("streamspec", 1)],
-        ir_version=8,
-    )
+    return op_model("custom", num_heads, kv_num_heads, head_dim, num_streams, dtype, scale)
 
 
 def make_session(model, provider: str, lib: Path, threads: int = 2):

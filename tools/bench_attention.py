@@ -17,7 +17,6 @@ of the per-repeat ratios (two steps run back to back), which drifting load distu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -116,6 +115,98 @@ def tree_feeds(rng: np.random.Generator, nodes: int, past: int, vocab: int) -> d
                 uniform=np.zeros(0, np.float32))
 
 
+# ------------------------------------------------------------------------------ the ops alone
+OP_INPUTS = {"custom": ["query", "key", "value", "key_cache", "value_cache", "past_length", "tree_parent",
+                        "compact_src"],
+             "portable": ["query", "key", "value", "key_cache", "value_cache", "seqlens_k", "total_sequence_length",
+                          "", "", "", "attention_bias"]}
+
+
+def op_model(backend: str, num_heads: int, kv_num_heads: int, head_dim: int, num_streams: int = 0,
+             dtype: Any = np.float32, scale: float = 0.0, max_len: Optional[int] = None) -> Any:
+    """A one-node ONNX graph of one backend's attention op: streamspec.TreeAttention
+    ("custom") or com.microsoft.GroupQueryAttention with an attention bias ("portable").
+    Rows are [1, S, heads * head_dim], caches [1, kv_num_heads, max_len (or "L"), head_dim]."""
+    from onnx import TensorProto, helper
+
+    elem = TensorProto.FLOAT if np.dtype(dtype) == np.float32 else TensorProto.FLOAT16
+    cache = [1, kv_num_heads, max_len or "L", head_dim]
+    tensors = {"query": (elem, [1, "S", num_heads * head_dim]), "key": (elem, [1, "S", kv_num_heads * head_dim]),
+               "value": (elem, [1, "S", kv_num_heads * head_dim]), "key_cache": (elem, cache),
+               "value_cache": (elem, cache), "past_length": (TensorProto.INT64, [1]),
+               "tree_parent": (TensorProto.INT32, ["N"]), "compact_src": (TensorProto.INT32, ["M"]),
+               "seqlens_k": (TensorProto.INT32, [1]), "total_sequence_length": (TensorProto.INT32, []),
+               "attention_bias": (elem, [1, 1, "S", "T"]), "output": (elem, [1, "S", num_heads * head_dim]),
+               "key_cache_out": (elem, cache), "value_cache_out": (elem, cache)}
+    outputs = ["output", "key_cache_out", "value_cache_out"]
+    if backend == "custom":
+        node = helper.make_node("TreeAttention", OP_INPUTS[backend], outputs, domain="streamspec", num_heads=num_heads,
+                                kv_num_heads=kv_num_heads, scale=float(scale), num_streams=num_streams)
+        domain = "streamspec"
+    else:
+        node = helper.make_node("GroupQueryAttention", OP_INPUTS[backend], outputs, domain="com.microsoft",
+                                num_heads=num_heads, kv_num_heads=kv_num_heads, scale=float(scale))
+        domain = "com.microsoft"
+    values = [helper.make_tensor_value_info(name, *tensors[name]) for name in OP_INPUTS[backend] if name]
+    graph = helper.make_graph([node], f"{backend}_attention", values,
+                              [helper.make_tensor_value_info(name, *tensors[name]) for name in outputs])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)],
+                             ir_version=8)
+
+
+class BoundOp:
+    """One op session with its caches bound in place (as the runtime binds them);
+    `run(feeds)` ignores `feeds`, so `measure` can time it like a step."""
+
+    def __init__(self, backend: str, model: Any, feeds: dict[str, np.ndarray], threads: Optional[int]):
+        import onnxruntime as ort
+
+        from streamspec import custom_ops
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        if backend == "custom":
+            custom_ops.register(options, "cpu")
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.binding = self.session.io_binding()
+        self.caches = {name: ort.OrtValue.ortvalue_from_numpy(feeds[name].copy())
+                       for name in ("key_cache", "value_cache")}
+        for name in filter(None, OP_INPUTS[backend]):
+            if name in self.caches:
+                self.binding.bind_ortvalue_input(name, self.caches[name])
+            else:
+                self.binding.bind_cpu_input(name, feeds[name])
+        self.binding.bind_output("output")
+        self.binding.bind_ortvalue_output("key_cache_out", self.caches["key_cache"])
+        self.binding.bind_ortvalue_output("value_cache_out", self.caches["value_cache"])
+
+    def run(self, feeds: Any = None) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+
+def op_feeds(rng: np.random.Generator, heads: tuple[int, int, int], nodes: int, num_streams: int, past: int,
+             max_len: int) -> dict[str, np.ndarray]:
+    """Both ops' inputs for one layer of a random tree step; the bias has GroupQueryAttention's
+    full [rows, past + rows] shape (its values do not change the op's work)."""
+    num_heads, kv_num_heads, head_dim = heads
+    rows = nodes * (1 + num_streams)
+
+    def rand(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    parents = np.array([-1] + [int(rng.integers(0, i)) for i in range(1, nodes)], dtype=np.int32)
+    bias = np.zeros((1, 1, rows, past + rows), dtype=np.float32)
+    bias[..., past:] = np.where(np.tri(rows, dtype=bool), 0.0, -np.inf)
+    return dict(query=rand(1, rows, num_heads * head_dim), key=rand(1, rows, kv_num_heads * head_dim),
+                value=rand(1, rows, kv_num_heads * head_dim), key_cache=rand(1, kv_num_heads, max_len, head_dim),
+                value_cache=rand(1, kv_num_heads, max_len, head_dim), past_length=np.array([past], dtype=np.int64),
+                tree_parent=parents, compact_src=np.zeros(0, dtype=np.int32),
+                seqlens_k=np.array([past + rows - 1], dtype=np.int32),
+                total_sequence_length=np.array(past + rows, dtype=np.int32), attention_bias=bias)
+
+
 def measure(sessions: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int,
             repeats: int) -> tuple[dict[str, float], float]:
     """Median step milliseconds per backend, the backends interleaved, and the median
@@ -149,6 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from streamspec import custom_ops
     from streamspec.runtime.folder import read_folder
     from streamspec.runtime.session import StepSession
+    from streamspec.tools.bench import write_report
 
     args = parse_args(argv)
     console = Console()
@@ -178,10 +270,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         table.add_row(str(row["past_length"]), str(row["tree_size"]), f"{row['portable_ms']:.2f}",
                       f"{row['custom_ms']:.2f}", f"{row['speedup']:.2f}x")
     console.print(table)
+
+    # The attention op alone, per layer kind, with the model's head shapes.
+    config = read_folder(folders["custom"])
+    heads = (config.num_heads, config.num_kv_heads, config.head_dim)
+    op_rows = []
+    for past in args.pasts:
+        for nodes in args.trees:
+            for layer, gamma in (("lower", 0), ("MSA", NUM_STREAMS)):
+                feeds = op_feeds(rng, heads, nodes, gamma, past, max_length)
+                ops = {b: BoundOp(b, op_model(b, *heads, num_streams=gamma, max_len=max_length), feeds, args.threads)
+                       for b in BACKENDS}
+                with console.status(f"op alone: past {past}, tree {nodes}, {layer} layer"):
+                    ms, ratio = measure(ops, feeds, args.warmup, args.repeats)
+                op_rows.append({"past_length": past, "tree_size": nodes, "layer": layer,
+                                "rows": nodes * (1 + gamma), "portable_ms": ms["portable"], "custom_ms": ms["custom"],
+                                "speedup": ratio})
+    table = Table(title=f"The attention op alone: GroupQueryAttention + bias (portable) vs TreeAttention (custom), "
+                        f"one layer (median of {args.repeats}, ms)")
+    for column in ("past", "tree", "layer (rows)", "portable", "custom", "custom speedup (paired)"):
+        table.add_column(column, justify="right")
+    for row in op_rows:
+        table.add_row(str(row["past_length"]), str(row["tree_size"]), f"{row['layer']} ({row['rows']})",
+                      f"{row['portable_ms']:.3f}", f"{row['custom_ms']:.3f}", f"{row['speedup']:.2f}x")
+    console.print(table)
+
     report = {"model": args.model, "num_streams": NUM_STREAMS, "repeats": args.repeats, "warmup": args.warmup,
               "threads": args.threads, "onnxruntime": ort.__version__, "machine": platform.machine(),
-              "cpu_count": os.cpu_count(), "folders": {b: str(f) for b, f in folders.items()}, "results": rows}
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+              "cpu_count": os.cpu_count(), "folders": {b: str(f) for b, f in folders.items()}, "results": rows,
+              "op_results": op_rows}
+    write_report(report, Path(args.json))
     console.print(f"Wrote {args.json}")
     return 0
 
