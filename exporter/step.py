@@ -165,27 +165,6 @@ class StepGraph(nn.Module):
         ids, probs = self._top(logits)
         return (ids if self.draft_vocab is None else self.draft_vocab[ids]), probs
 
-    def _upper(self, hidden: torch.Tensor, positions: torch.Tensor, attention: GraphAttention,
-               stream_nodes: torch.Tensor, output_nodes: torch.Tensor):
-        """`Transformer.upper` with stream rows for `stream_nodes` only and the LM head on
-        the selected rows only. Returns hidden rows [1, R, D] of the last layer."""
-        model = self.model
-        b, n, d = hidden.shape
-        g = model.num_streams
-        x, row_positions = hidden, positions
-        if g:
-            chosen = hidden[:, stream_nodes]  # [1, L, D]
-            stream_rows = (chosen[:, :, None, :] + model.stream_embed).reshape(b, -1, d)
-            x = torch.cat([hidden, stream_rows], dim=1)
-            chosen_positions = positions[:, stream_nodes]
-            stream_positions = chosen_positions[:, :, None].expand(b, chosen_positions.shape[1], g)
-            row_positions = torch.cat([positions, stream_positions.reshape(b, -1)], dim=1)
-        rope = model.rope(row_positions) if model.pos_embed is None else None
-        adapted_from = n if (model.streams and model.streams.mode == "lossless") else 0
-        for i in range(model.msa_start, model.config.num_layers):
-            x = model.layers[i](x, rope, attention, i, adapted_from)
-        return x
-
     def _draft(self, stream_rows, input_ids, positions, tree_mask, tree_parent, stream_nodes, output_nodes,
                choice):
         """The draft node ([1], -1 when no stream node) and its γ final stream rows [γ, D].
@@ -231,7 +210,7 @@ class StepGraph(nn.Module):
         attention = self._attention(caches, past_length, tree_mask, tree_parent, stream_nodes, compact_src)
         tokens, rows = input_ids[None], positions[None]
         hidden = model.lower(tokens, rows, attention)
-        x = self._upper(hidden, rows, attention, stream_nodes, output_nodes)
+        x = self.model.msa_layers(hidden, rows, attention, stream_nodes)
         outputs = self._outputs(hidden, x, input_ids, positions, tree_mask, tree_parent, stream_nodes, output_nodes,
                                 sample_rows, temperature, top_k, top_p, uniform)
         if model.num_streams:
@@ -273,7 +252,7 @@ class UpperGraph(StepGraph):
         attention = self._attention(caches, past_length, tree_mask, tree_parent, stream_nodes, compact_src,
                                     first_layer=model.msa_start)
         kept = hidden[kept_nodes][None]  # [1, K, D]
-        x = self._upper(kept, positions[None], attention, stream_nodes, output_nodes)
+        x = self.model.msa_layers(kept, positions[None], attention, stream_nodes)
         outputs = self._outputs(kept, x, input_ids, positions, tree_mask, tree_parent, stream_nodes, output_nodes,
                                 sample_rows, temperature, top_k, top_p, uniform)
         return tuple(outputs + attention.present)

@@ -279,27 +279,39 @@ class Transformer(nn.Module):
         hidden: [B, N, D] main rows. With streams, γ stream rows per node are appended
         (h + P_j, at the node's position); the attention backend must know that layout.
         """
+        b, n, _ = hidden.shape
+        g = self.num_streams if with_streams else 0
+        exit_logits = self.exit_head(hidden) if g else None
+        x = self.msa_layers(hidden, positions, attention, with_streams=bool(g))
+        logits = self.head(x)
+        stream_logits = logits[:, n:].reshape(b, n, g, -1) if g else None
+        return StepOutput(logits[:, :n], stream_logits, exit_logits)
+
+    def msa_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
+                   stream_nodes: Optional[torch.Tensor] = None, with_streams: bool = True) -> torch.Tensor:
+        """The MSA layers over the main rows and, with streams, γ stream rows (h + P_j, at
+        the node's position) for each of `stream_nodes` (default: every node).
+
+        hidden, positions: [B, N, D], [B, N] -> [B, N + L*γ, D], rows main first, then
+        node by node its γ streams (the layout the attention backends expect)."""
         b, n, d = hidden.shape
         g = self.num_streams if with_streams else 0
-        exit_logits = None
-        x = hidden
-        row_positions = positions
+        x, row_positions = hidden, positions
         if g:
-            exit_logits = self.exit_head(hidden)
-            stream_rows = (hidden[:, :, None, :] + self.stream_embed).reshape(b, n * g, d)
+            chosen, chosen_positions = hidden, positions
+            if stream_nodes is not None:
+                chosen, chosen_positions = hidden[:, stream_nodes], positions[:, stream_nodes]
+            stream_rows = (chosen[:, :, None, :] + self.stream_embed).reshape(b, -1, d)
             x = torch.cat([hidden, stream_rows], dim=1)
-            row_positions = torch.cat([positions, positions.repeat_interleave(g, dim=1)], dim=1)
-        if self.pos_embed is None:
-            rope = self.rope(row_positions)
-        else:
-            rope = None
+            # expand + reshape rather than repeat_interleave: it traces to plain ONNX ops.
+            stream_positions = chosen_positions[:, :, None].expand(b, chosen_positions.shape[1], g)
+            row_positions = torch.cat([positions, stream_positions.reshape(b, -1)], dim=1)
+        rope = self.rope(row_positions) if self.pos_embed is None else None
         # Lossless: adapters act on stream rows only, so main rows stay the base model.
         adapted_from = n if (self.streams and self.streams.mode == "lossless") else 0
         for i in range(self.msa_start, self.config.num_layers):
             x = self.layers[i](x, rope, attention, i, adapted_from)
-        logits = self.head(x)
-        stream_logits = logits[:, n:].reshape(b, n, g, -1) if g else None
-        return StepOutput(logits[:, :n], stream_logits, exit_logits)
+        return x
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
                 with_streams: bool = True) -> StepOutput:

@@ -45,6 +45,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
     parser.add_argument("--json", default="bench_attention.json", help="where to write the JSON report")
     parser.add_argument("--force-export", action="store_true", help="export again even when cached")
+    parser.add_argument("--tables", nargs="+", choices=("steps", "ops"), default=["steps", "ops"],
+                        help="steps: whole step graphs; ops: the attention op alone, per layer kind")
     return parser.parse_args(argv)
 
 
@@ -165,6 +167,9 @@ class BoundOp:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # An op takes well under a millisecond at short caches: the other session's
+        # threads, spinning after its run, would still be stealing the cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         if backend == "custom":
@@ -232,14 +237,72 @@ def measure(sessions: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int,
     return medians, ratio
 
 
+def step_table(folders: dict[str, Path], args: argparse.Namespace, max_length: int, console: Any) -> list[dict]:
+    """Whole step graphs of both backends, side by side: one row per (past, tree)."""
+    from streamspec.runtime.folder import read_folder
+    from streamspec.runtime.session import StepSession
+
+    sessions = {b: StepSession(read_folder(folders[b]), "cpu", max_length, args.threads) for b in BACKENDS}
+    vocab = read_folder(folders["custom"]).vocab_size
+    rng = np.random.default_rng(0)
+    rows = []
+    for past in args.pasts:
+        for nodes in args.trees:
+            with console.status(f"step: past {past}, tree {nodes}"):
+                ms, ratio = measure(sessions, tree_feeds(rng, nodes, past, vocab), args.warmup, args.repeats)
+            rows.append({"past_length": past, "tree_size": nodes, "portable_ms": ms["portable"],
+                         "custom_ms": ms["custom"], "speedup": ratio})
+            console.log(f"step: past {past:5d} tree {nodes:3d}: portable {ms['portable']:.2f} ms, "
+                        f"custom {ms['custom']:.2f} ms")
+    return rows
+
+
+def op_table(folders: dict[str, Path], args: argparse.Namespace, max_length: int, console: Any) -> list[dict]:
+    """The attention op alone with the model's head shapes: one row per (past, tree, layer
+    kind), lower layers with the tree's rows, MSA layers with its stream rows too."""
+    from streamspec.runtime.folder import read_folder
+
+    config = read_folder(folders["custom"])
+    heads = (config.num_heads, config.num_kv_heads, config.head_dim)
+    rng = np.random.default_rng(0)
+    rows = []
+    for past in args.pasts:
+        for nodes in args.trees:
+            for layer, gamma in (("lower", 0), ("MSA", NUM_STREAMS)):
+                feeds = op_feeds(rng, heads, nodes, gamma, past, max_length)
+                ops = {b: BoundOp(b, op_model(b, *heads, num_streams=gamma, max_len=max_length), feeds, args.threads)
+                       for b in BACKENDS}
+                with console.status(f"op alone: past {past}, tree {nodes}, {layer} layer"):
+                    ms, ratio = measure(ops, feeds, args.warmup, args.repeats)
+                rows.append({"past_length": past, "tree_size": nodes, "layer": layer, "rows": nodes * (1 + gamma),
+                             "portable_ms": ms["portable"], "custom_ms": ms["custom"], "speedup": ratio})
+    return rows
+
+
+def render(title: str, rows: list[dict], console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    layers = rows and "layer" in rows[0]
+    columns = ["past", "tree"] + (["layer (rows)"] if layers else []) + ["portable", "custom",
+                                                                         "custom speedup (paired)"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    digits = 3 if layers else 2
+    for row in rows:
+        cells = [str(row["past_length"]), str(row["tree_size"])]
+        if layers:
+            cells.append(f"{row['layer']} ({row['rows']})")
+        cells += [f"{row['portable_ms']:.{digits}f}", f"{row['custom_ms']:.{digits}f}", f"{row['speedup']:.2f}x"]
+        table.add_row(*cells)
+    console.print(table)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import onnxruntime as ort
     from rich.console import Console
-    from rich.table import Table
 
     from streamspec import custom_ops
-    from streamspec.runtime.folder import read_folder
-    from streamspec.runtime.session import StepSession
     from streamspec.tools.bench import write_report
 
     args = parse_args(argv)
@@ -250,55 +313,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     custom_ops.build()  # cached: a no-op unless the kernels changed
     with console.status(f"Exporting {args.model} with both backends (once, cached)"):
         folders = export_folders(args.model, max_length, args.force_export)
-    sessions = {b: StepSession(read_folder(folders[b]), "cpu", max_length, args.threads) for b in BACKENDS}
-    vocab = read_folder(folders["custom"]).vocab_size
-    rng = np.random.default_rng(0)
-    rows = []
-    for past in args.pasts:
-        for nodes in args.trees:
-            with console.status(f"past {past}, tree {nodes}"):
-                ms, ratio = measure(sessions, tree_feeds(rng, nodes, past, vocab), args.warmup, args.repeats)
-            rows.append({"past_length": past, "tree_size": nodes, "portable_ms": ms["portable"],
-                         "custom_ms": ms["custom"], "speedup": ratio})
-            console.log(f"past {past:5d} tree {nodes:3d}: portable {ms['portable']:.2f} ms, "
-                        f"custom {ms['custom']:.2f} ms")
-
-    table = Table(title=f"Step latency on CPU, {args.model}, γ={NUM_STREAMS} (median of {args.repeats}, ms)")
-    for column in ("past", "tree", "portable", "custom", "custom speedup (paired)"):
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(str(row["past_length"]), str(row["tree_size"]), f"{row['portable_ms']:.2f}",
-                      f"{row['custom_ms']:.2f}", f"{row['speedup']:.2f}x")
-    console.print(table)
-
-    # The attention op alone, per layer kind, with the model's head shapes.
-    config = read_folder(folders["custom"])
-    heads = (config.num_heads, config.num_kv_heads, config.head_dim)
-    op_rows = []
-    for past in args.pasts:
-        for nodes in args.trees:
-            for layer, gamma in (("lower", 0), ("MSA", NUM_STREAMS)):
-                feeds = op_feeds(rng, heads, nodes, gamma, past, max_length)
-                ops = {b: BoundOp(b, op_model(b, *heads, num_streams=gamma, max_len=max_length), feeds, args.threads)
-                       for b in BACKENDS}
-                with console.status(f"op alone: past {past}, tree {nodes}, {layer} layer"):
-                    ms, ratio = measure(ops, feeds, args.warmup, args.repeats)
-                op_rows.append({"past_length": past, "tree_size": nodes, "layer": layer,
-                                "rows": nodes * (1 + gamma), "portable_ms": ms["portable"], "custom_ms": ms["custom"],
-                                "speedup": ratio})
-    table = Table(title=f"The attention op alone: GroupQueryAttention + bias (portable) vs TreeAttention (custom), "
-                        f"one layer (median of {args.repeats}, ms)")
-    for column in ("past", "tree", "layer (rows)", "portable", "custom", "custom speedup (paired)"):
-        table.add_column(column, justify="right")
-    for row in op_rows:
-        table.add_row(str(row["past_length"]), str(row["tree_size"]), f"{row['layer']} ({row['rows']})",
-                      f"{row['portable_ms']:.3f}", f"{row['custom_ms']:.3f}", f"{row['speedup']:.2f}x")
-    console.print(table)
-
     report = {"model": args.model, "num_streams": NUM_STREAMS, "repeats": args.repeats, "warmup": args.warmup,
               "threads": args.threads, "onnxruntime": ort.__version__, "machine": platform.machine(),
-              "cpu_count": os.cpu_count(), "folders": {b: str(f) for b, f in folders.items()}, "results": rows,
-              "op_results": op_rows}
+              "cpu_count": os.cpu_count(), "folders": {b: str(f) for b, f in folders.items()}}
+    if "steps" in args.tables:
+        report["results"] = step_table(folders, args, max_length, console)
+        render(f"Step latency on CPU, {args.model}, γ={NUM_STREAMS} (median of {args.repeats}, ms)",
+               report["results"], console)
+    if "ops" in args.tables:
+        report["op_results"] = op_table(folders, args, max_length, console)
+        render(f"The attention op alone, one layer: GroupQueryAttention + bias (portable) vs TreeAttention "
+               f"(custom) (median of {args.repeats}, ms)", report["op_results"], console)
     write_report(report, Path(args.json))
     console.print(f"Wrote {args.json}")
     return 0
