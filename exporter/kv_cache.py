@@ -49,7 +49,7 @@ def check_kv_dtype(kv_dtype: str, backend: str) -> Optional[str]:
     if kv_dtype == "none":
         return None
     if backend != "portable":
-        raise StreamspecError("--kv-dtype needs --backend portable: ONNX Runtime's GroupQueryAttention has the "
+        raise StreamspecError("--kv-dtype needs --attention portable: ONNX Runtime's GroupQueryAttention has the "
                               "quantized cache, the custom TreeAttention op keeps a float one.")
     return kv_dtype
 

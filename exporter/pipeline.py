@@ -369,7 +369,7 @@ def _check_options(model: Transformer, tokenizer_dir: Path, out_dir: Path, dtype
     if dtype not in DTYPES:
         raise StreamspecError(f"--dtype must be fp32 or fp16, got {dtype!r}.")
     if backend not in BACKENDS:
-        raise StreamspecError(f"--backend must be portable or custom, got {backend!r}.")
+        raise StreamspecError(f"--attention must be portable or custom, got {backend!r}.")
     positions = model.config.max_position_embeddings
     max_length = int(max_length or min(positions, 2048))
     if not 16 <= max_length <= positions:

@@ -355,6 +355,17 @@ def test_export_command_reports_bad_input(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def test_export_command_attention_option():
+    """--attention picks the backend; --backend is the same option."""
+    from streamspec.tools import cli
+
+    parser = cli.build_parser()
+    for flag in ("--attention", "--backend"):
+        args = parser.parse_args(["export", "ckpt", "--out", "o", flag, "custom"])
+        assert args.backend == "custom"
+    assert parser.parse_args(["export", "ckpt", "--out", "o"]).backend == "portable"
+
+
 def test_export_of_a_checkpoint_folder(tiny_model_dir, tmp_path, monkeypatch):
     """`export(spec)` resolves a training checkpoint (streams from streams.safetensors);
     here the weights also go to external data, as they do for large models."""

@@ -255,7 +255,7 @@ def test_bad_quantization_options_give_one_sentence(folders, tmp_path):
              (dict(quantize="int8", block_size=24), "power of two"),
              (dict(quantize="int4", quant_activations="fp16"), "--quant-activations"),
              (dict(kv_dtype="fp8"), "--kv-dtype must be none, int8 or int4"),
-             (dict(kv_dtype="int8", backend="custom"), "needs --backend portable")]
+             (dict(kv_dtype="int8", backend="custom"), "needs --attention portable")]
     for options, message in cases:
         with pytest.raises(StreamspecError, match=message) as error:
             export_tiny(model, hf, tmp_path / "out", **options)

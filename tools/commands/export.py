@@ -45,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streams", type=int, default=None,
                         help="deploy only the first N trained streams (shallower trees, fewer rows per node; "
                              "default: all)")
-    parser.add_argument("--backend", choices=("portable", "custom"), default="portable",
-                        help="attention: portable (ONNX Runtime's GroupQueryAttention, runs anywhere) or "
+    parser.add_argument("--attention", "--backend", dest="backend", choices=("portable", "custom"),
+                        default="portable",
+                        help="attention backend: portable (ONNX Runtime's GroupQueryAttention, runs anywhere) or "
                              "custom (streamspec.TreeAttention, needs `streamspec build-ops`)")
     parser.add_argument("--pruning", action="store_true",
                         help="also write the step cut at the stream-insertion layer (lower.onnx, upper.onnx), so that "
