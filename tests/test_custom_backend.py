@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from helpers import assert_tokens_match, generate_with_oracle_trees
@@ -134,3 +135,5 @@ def test_bench_attention_reports_both_backends(custom_library, smollm2_dir, tmp_
                         for layer, g in (("lower", 0), ("MSA", 3))}
     for row in report["results"] + report["op_results"]:
         assert row["portable_ms"] > 0 and row["custom_ms"] > 0 and row["speedup"] > 0
+    if "CUDAExecutionProvider" not in ort.get_available_providers():  # a missing GPU: one sentence
+        assert bench_attention.main(["--provider", "cuda", "--model", "tiny", "--json", str(out)]) == 1

@@ -1,8 +1,10 @@
 """Per-step latency of the two attention backends, `custom` (streamspec.TreeAttention)
-against `portable` (GroupQueryAttention + tree bias), on CPU.
+against `portable` (GroupQueryAttention + tree bias): whole steps, and the attention op
+alone per layer kind.
 
-    python -m streamspec.tools.bench_attention                 # SmolLM2 with 3 streams
-    python -m streamspec.tools.bench_attention --model tiny    # a quick check
+    python -m streamspec.tools.bench_attention                   # SmolLM2 with 3 streams, CPU
+    python -m streamspec.tools.bench_attention --model tiny      # a quick check
+    python -m streamspec.tools.bench_attention --provider cuda   # GPU (tools/gpu_check.sh runs it)
 
 The model is exported once per backend into <cache>/bench/attention/ (the weights are
 the base model's plus randomly initialised stream adapters: latency does not depend on
@@ -27,10 +29,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from streamspec.errors import StreamspecError
+
 BACKENDS = ("portable", "custom")
 TREE_SIZES = (1, 8, 16, 32, 64)
 PAST_LENGTHS = (128, 1024, 4096)
 NUM_STREAMS = 3
+# (query heads, kv heads, head_dim) of the benchmarked models.
+HEADS = {"smollm2": (9, 3, 64), "tiny": (4, 2, 16)}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -47,6 +53,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--force-export", action="store_true", help="export again even when cached")
     parser.add_argument("--tables", nargs="+", choices=("steps", "ops"), default=["steps", "ops"],
                         help="steps: whole step graphs; ops: the attention op alone, per layer kind")
+    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                        help="execution provider (cuda: onnxruntime-gpu and `streamspec build-ops --cuda`)")
+    parser.add_argument("--op-dtype", choices=("float32", "float16"), default=None,
+                        help="element type of the op table (default: float16 on cuda, float32 on cpu)")
     return parser.parse_args(argv)
 
 
@@ -64,8 +74,9 @@ def _tiny_base(root: Path) -> Path:
         return folder
     smollm2 = resolve_base("default", progress=False)
     config = transformers.LlamaConfig(vocab_size=transformers.AutoConfig.from_pretrained(str(smollm2)).vocab_size,
-                                      hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                                      hidden_size=HEADS["tiny"][0] * HEADS["tiny"][2], intermediate_size=128,
+                                      num_hidden_layers=4, num_attention_heads=HEADS["tiny"][0],
+                                      num_key_value_heads=HEADS["tiny"][1], max_position_embeddings=8192,
                                       tie_word_embeddings=True)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
@@ -157,10 +168,12 @@ def op_model(backend: str, num_heads: int, kv_num_heads: int, head_dim: int, num
 
 
 class BoundOp:
-    """One op session with its caches bound in place (as the runtime binds them);
-    `run(feeds)` ignores `feeds`, so `measure` can time it like a step."""
+    """One op session on `provider` ("cpu" or "cuda") with every input on that device and
+    the caches bound in place (as the runtime binds them); `run(feeds)` ignores `feeds`,
+    so `measure` can time it like a step."""
 
-    def __init__(self, backend: str, model: Any, feeds: dict[str, np.ndarray], threads: Optional[int]):
+    def __init__(self, backend: str, model: Any, feeds: dict[str, np.ndarray], threads: Optional[int],
+                 provider: str = "cpu"):
         import onnxruntime as ort
 
         from streamspec import custom_ops
@@ -173,36 +186,37 @@ class BoundOp:
         if threads:
             options.intra_op_num_threads = threads
         if backend == "custom":
-            custom_ops.register(options, "cpu")
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            custom_ops.register(options, provider)
+        device = "cuda" if provider == "cuda" else "cpu"
+        providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         self.binding = self.session.io_binding()
-        self.caches = {name: ort.OrtValue.ortvalue_from_numpy(feeds[name].copy())
-                       for name in ("key_cache", "value_cache")}
-        for name in filter(None, OP_INPUTS[backend]):
-            if name in self.caches:
-                self.binding.bind_ortvalue_input(name, self.caches[name])
-            else:
-                self.binding.bind_cpu_input(name, feeds[name])
-        self.binding.bind_output("output")
-        self.binding.bind_ortvalue_output("key_cache_out", self.caches["key_cache"])
-        self.binding.bind_ortvalue_output("value_cache_out", self.caches["value_cache"])
+        # The OrtValues must outlive the runs: kept on the object.
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[name]), device, 0)
+                       for name in filter(None, OP_INPUTS[backend])}
+        for name, value in self.values.items():
+            self.binding.bind_ortvalue_input(name, value)
+        self.binding.bind_output("output", device)
+        self.binding.bind_ortvalue_output("key_cache_out", self.values["key_cache"])
+        self.binding.bind_ortvalue_output("value_cache_out", self.values["value_cache"])
 
     def run(self, feeds: Any = None) -> None:
         self.session.run_with_iobinding(self.binding)
+        self.binding.synchronize_outputs()
 
 
 def op_feeds(rng: np.random.Generator, heads: tuple[int, int, int], nodes: int, num_streams: int, past: int,
-             max_len: int) -> dict[str, np.ndarray]:
+             max_len: int, dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """Both ops' inputs for one layer of a random tree step; the bias has GroupQueryAttention's
     full [rows, past + rows] shape (its values do not change the op's work)."""
     num_heads, kv_num_heads, head_dim = heads
     rows = nodes * (1 + num_streams)
 
     def rand(*shape: int) -> np.ndarray:
-        return rng.standard_normal(shape).astype(np.float32)
+        return rng.standard_normal(shape).astype(dtype)
 
     parents = np.array([-1] + [int(rng.integers(0, i)) for i in range(1, nodes)], dtype=np.int32)
-    bias = np.zeros((1, 1, rows, past + rows), dtype=np.float32)
+    bias = np.zeros((1, 1, rows, past + rows), dtype=dtype)
     bias[..., past:] = np.where(np.tri(rows, dtype=bool), 0.0, -np.inf)
     return dict(query=rand(1, rows, num_heads * head_dim), key=rand(1, rows, kv_num_heads * head_dim),
                 value=rand(1, rows, kv_num_heads * head_dim), key_cache=rand(1, kv_num_heads, max_len, head_dim),
@@ -213,7 +227,7 @@ def op_feeds(rng: np.random.Generator, heads: tuple[int, int, int], nodes: int, 
 
 
 def measure(sessions: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int,
-            repeats: int) -> tuple[dict[str, float], float]:
+            repeats: int) -> tuple[dict[str, float], Optional[float]]:
     """Median step milliseconds per backend, the backends interleaved, and the median
     of the per-repeat ratios portable / custom (each ratio compares two steps run back
     to back, so load that drifts between repeats cancels out).
@@ -233,6 +247,8 @@ def measure(sessions: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int,
             sessions[name].run(feeds)
             times[name].append(time.perf_counter() - start)
     medians = {name: 1000 * statistics.median(values) for name, values in times.items()}
+    if "portable" not in times:
+        return medians, None
     ratio = statistics.median(p / c for p, c in zip(times["portable"], times["custom"]))
     return medians, ratio
 
@@ -242,8 +258,11 @@ def step_table(folders: dict[str, Path], args: argparse.Namespace, max_length: i
     from streamspec.runtime.folder import read_folder
     from streamspec.runtime.session import StepSession
 
-    sessions = {b: StepSession(read_folder(folders[b]), "cpu", max_length, args.threads) for b in BACKENDS}
-    vocab = read_folder(folders["custom"]).vocab_size
+    sessions = {b: StepSession(read_folder(folders[b]), args.provider, max_length, args.threads) for b in BACKENDS}
+    config = read_folder(folders["custom"])
+    if (config.num_heads, config.num_kv_heads, config.head_dim) != HEADS[args.model]:
+        raise StreamspecError(f"{folders['custom']} does not have {args.model}'s attention shape; use --force-export.")
+    vocab = config.vocab_size
     rng = np.random.default_rng(0)
     rows = []
     for past in args.pasts:
@@ -257,25 +276,36 @@ def step_table(folders: dict[str, Path], args: argparse.Namespace, max_length: i
     return rows
 
 
-def op_table(folders: dict[str, Path], args: argparse.Namespace, max_length: int, console: Any) -> list[dict]:
+def op_table(args: argparse.Namespace, max_length: int, console: Any) -> list[dict]:
     """The attention op alone with the model's head shapes: one row per (past, tree, layer
-    kind), lower layers with the tree's rows, MSA layers with its stream rows too."""
-    from streamspec.runtime.folder import read_folder
-
-    config = read_folder(folders["custom"])
-    heads = (config.num_heads, config.num_kv_heads, config.head_dim)
+    kind), lower layers with the tree's rows, MSA layers with its stream rows too. Needs
+    neither torch nor an export (tools/gpu_check.sh runs it with onnxruntime-gpu alone)."""
+    heads = HEADS[args.model]
+    dtype = np.float16 if args.op_dtype == "float16" else np.float32
     rng = np.random.default_rng(0)
+    backends = list(BACKENDS)
     rows = []
     for past in args.pasts:
         for nodes in args.trees:
             for layer, gamma in (("lower", 0), ("MSA", NUM_STREAMS)):
-                feeds = op_feeds(rng, heads, nodes, gamma, past, max_length)
-                ops = {b: BoundOp(b, op_model(b, *heads, num_streams=gamma, max_len=max_length), feeds, args.threads)
-                       for b in BACKENDS}
+                feeds = op_feeds(rng, heads, nodes, gamma, past, max_length, dtype)
+                ops = {b: BoundOp(b, op_model(b, *heads, gamma, dtype, max_len=max_length), feeds, args.threads,
+                                  args.provider) for b in backends}
+                if "portable" in ops:
+                    try:
+                        ops["portable"].run()
+                    except Exception as error:  # onnxruntime raises several unrelated types
+                        # e.g. onnxruntime-gpu before mid-2026: GroupQueryAttention's CUDA
+                        # kernel rejects attention_bias. Time TreeAttention alone then.
+                        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                        console.print(f"GroupQueryAttention with an attention bias does not run on {args.provider} "
+                                      f"with this onnxruntime ({first}); timing TreeAttention alone.")
+                        backends.remove("portable")
+                        del ops["portable"]
                 with console.status(f"op alone: past {past}, tree {nodes}, {layer} layer"):
                     ms, ratio = measure(ops, feeds, args.warmup, args.repeats)
                 rows.append({"past_length": past, "tree_size": nodes, "layer": layer, "rows": nodes * (1 + gamma),
-                             "portable_ms": ms["portable"], "custom_ms": ms["custom"], "speedup": ratio})
+                             "portable_ms": ms.get("portable"), "custom_ms": ms["custom"], "speedup": ratio})
     return rows
 
 
@@ -293,38 +323,62 @@ def render(title: str, rows: list[dict], console: Any) -> None:
         cells = [str(row["past_length"]), str(row["tree_size"])]
         if layers:
             cells.append(f"{row['layer']} ({row['rows']})")
-        cells += [f"{row['portable_ms']:.{digits}f}", f"{row['custom_ms']:.{digits}f}", f"{row['speedup']:.2f}x"]
+        cells += ["n/a" if row["portable_ms"] is None else f"{row['portable_ms']:.{digits}f}",
+                  f"{row['custom_ms']:.{digits}f}", "n/a" if row["speedup"] is None else f"{row['speedup']:.2f}x"]
         table.add_row(*cells)
     console.print(table)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
+    """Both tables (or the chosen ones) as a JSON-ready report, printed as they complete."""
     import onnxruntime as ort
-    from rich.console import Console
 
     from streamspec import custom_ops
-    from streamspec.tools.bench import write_report
 
-    args = parse_args(argv)
-    console = Console()
+    if args.provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise StreamspecError("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu.")
+        # Not built here (that takes minutes per architecture): a missing or mismatched
+        # CUDA library raises its one sentence (how to build it) now, before the exports.
+        custom_ops.register(ort.SessionOptions(), "cuda")
+    else:
+        custom_ops.build()  # cached: a no-op unless the kernels changed
     # Room for the largest tree's main and stream rows after the longest past.
     needed = max(args.pasts) + max(args.trees) * (1 + NUM_STREAMS)
     max_length = -(-needed // 256) * 256
-    custom_ops.build()  # cached: a no-op unless the kernels changed
-    with console.status(f"Exporting {args.model} with both backends (once, cached)"):
-        folders = export_folders(args.model, max_length, args.force_export)
-    report = {"model": args.model, "num_streams": NUM_STREAMS, "repeats": args.repeats, "warmup": args.warmup,
-              "threads": args.threads, "onnxruntime": ort.__version__, "machine": platform.machine(),
-              "cpu_count": os.cpu_count(), "folders": {b: str(f) for b, f in folders.items()}}
+    report: dict[str, Any] = {"model": args.model, "provider": args.provider, "op_dtype": args.op_dtype,
+                              "num_streams": NUM_STREAMS, "repeats": args.repeats, "warmup": args.warmup,
+                              "threads": args.threads, "onnxruntime": ort.__version__, "machine": platform.machine(),
+                              "cpu_count": os.cpu_count()}
     if "steps" in args.tables:
+        with console.status(f"Exporting {args.model} with both backends (once, cached)"):
+            folders = export_folders(args.model, max_length, args.force_export)
+        report["folders"] = {b: str(f) for b, f in folders.items()}
         report["results"] = step_table(folders, args, max_length, console)
-        render(f"Step latency on CPU, {args.model}, γ={NUM_STREAMS} (median of {args.repeats}, ms)",
+        render(f"Step latency on {args.provider}, {args.model}, γ={NUM_STREAMS} (median of {args.repeats}, ms)",
                report["results"], console)
     if "ops" in args.tables:
-        report["op_results"] = op_table(folders, args, max_length, console)
-        render(f"The attention op alone, one layer: GroupQueryAttention + bias (portable) vs TreeAttention "
-               f"(custom) (median of {args.repeats}, ms)", report["op_results"], console)
-    write_report(report, Path(args.json))
+        report["op_results"] = op_table(args, max_length, console)
+        render(f"The attention op alone, one layer, {args.op_dtype} on {args.provider}: GroupQueryAttention + bias "
+               f"(portable) vs TreeAttention (custom) (median of {args.repeats}, ms)", report["op_results"], console)
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from rich.console import Console
+
+    from streamspec.custom_ops import CustomOpError
+    from streamspec.tools.bench import write_report
+
+    args = parse_args(argv)
+    args.op_dtype = args.op_dtype or ("float16" if args.provider == "cuda" else "float32")
+    console = Console()
+    try:
+        report = run(args, console)
+        write_report(report, Path(args.json))
+    except (StreamspecError, CustomOpError) as error:
+        print(f"bench_attention: {error}", file=sys.stderr)
+        return 1
     console.print(f"Wrote {args.json}")
     return 0
 
