@@ -123,6 +123,18 @@ class RunTiming(NamedTuple):
     copy_out: float  # the small outputs to numpy
 
 
+def run_failure(error: Exception) -> str:
+    """One sentence for an error ONNX Runtime raised while running a step."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    if "attention_bias is not supported" in first:
+        # onnxruntime-gpu before microsoft/onnxruntime#29525 (2026-07): the CUDA kernel of
+        # GroupQueryAttention, which the portable backend uses, takes no attention bias.
+        return ("This onnxruntime-gpu cannot run the portable backend on CUDA (its GroupQueryAttention takes no "
+                "attention bias); export with --attention custom (streamspec build-ops --cuda) or install a newer "
+                "onnxruntime-gpu.")
+    return f"onnxruntime failed to run the step ({first})."
+
+
 class BoundGraph:
     """One ONNX Runtime session with its layers' cache buffers bound in place, both as
     the graph's `key_cache.i` inputs and as its `key_cache_out.i` outputs.
@@ -156,7 +168,10 @@ class BoundGraph:
         for name in self.output_names:  # their shapes change per step: let ORT allocate anew
             self.binding.bind_output(name, "cpu")
         bound = time.perf_counter()
-        self.session.run_with_iobinding(self.binding)
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except Exception as error:  # onnxruntime raises several unrelated types
+            raise StreamspecError(run_failure(error)) from None
         ran = time.perf_counter()
         outputs = self.binding.get_outputs()
         out = {name: outputs[i] if name in keep else outputs[i].numpy() for i, name in enumerate(self.output_names)}

@@ -368,6 +368,31 @@ def test_bad_input_is_one_clear_error(engines, tmp_path):
         engine.generate("")
 
 
+def test_a_failing_onnxruntime_run_is_one_sentence(engines, monkeypatch):
+    """An error ONNX Runtime raises mid-generation reaches the user as one sentence; the
+    known CUDA GroupQueryAttention limit (no attention bias) comes with what to do."""
+    import onnxruntime as ort
+
+    _, folder = engines["llama"]
+    engine = Engine(folder, provider="cpu")
+    messages = {"portable": "Non-zero status code returned while running GroupQueryAttention node. Status "
+                            "Message: attention_bias is not supported in GroupQueryAttention cuda kernel.",
+                "other": "Non-zero status code returned while running MatMul node.\nmore detail"}
+    for kind, message in messages.items():
+        def fail(self, binding, message=message):
+            raise ort.capi.onnxruntime_pybind11_state.Fail(message)
+
+        monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", fail)
+        with pytest.raises(StreamspecError) as raised:
+            engine.generate([5, 6, 7], max_new_tokens=4)
+        text = str(raised.value)
+        assert "\n" not in text
+        if kind == "portable":
+            assert "--attention custom" in text and "newer onnxruntime-gpu" in text
+        else:
+            assert text == "onnxruntime failed to run the step (Non-zero status code returned while running MatMul node.)."
+
+
 def test_runtime_imports_neither_torch_nor_transformers(engines):
     _, folder = engines["llama"]
     code = ("import sys; import streamspec.runtime; from streamspec.runtime import Engine; "
