@@ -9,11 +9,24 @@ diverging token is one of them. Any other divergence is a bug.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Callable, Sequence
 
 import numpy as np
 
 NEAR_TIE = 1e-4
+HEAVY_MODULES = ("torch", "transformers", "streamspec.models")
+
+
+def assert_runs_without_heavy_imports(code: str, timeout: float = 120) -> None:
+    """Run `code` in a fresh interpreter; fail if it ends with torch, transformers or the
+    training side (streamspec.models) imported, or fails. What an edge device runs must
+    need only onnxruntime, numpy and tokenizers."""
+    check = (f"import sys\n{code}\nheavy = [m for m in {HEAVY_MODULES!r} if m in sys.modules]\n"
+             "print(heavy)\nsys.exit(1 if heavy else 0)\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def first_divergence(tokens: Sequence[int], reference: Sequence[int]) -> int:

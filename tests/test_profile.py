@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from itertools import count
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from streamspec.tools.profiler.figures import PHASES
 from streamspec.tools.profiler.live import LiveView
 from streamspec.tools.profiler.measure import CURVE_NODES
 from streamspec.tools.profiler.trace import operator_table
+from helpers import assert_runs_without_heavy_imports
 from test_export import export_tiny, msa_model
 
 PROMPTS = ([5, 40, 41, 42, 9, 77], [10, 11, 12])
@@ -213,14 +212,11 @@ def test_profile_and_report_commands(folders, tmp_path, capsys, monkeypatch):
 
 
 def test_profiler_imports_no_torch(folders):
-    code = ("import sys; from streamspec.tools.profiler.collect import ProfileSettings, run_profile; "
-            "from streamspec.tools.commands import profile, report; "
-            f"run_profile(ProfileSettings({str(folders['streams'])!r}, prompts=['ab'], max_new_tokens=3, "
-            "provider='cpu', curve_repeats=1, copy_bytes=2 ** 20)); "
-            "heavy = [m for m in ('torch', 'transformers', 'streamspec.models') if m in sys.modules]; "
-            "print(heavy); sys.exit(1 if heavy else 0)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert_runs_without_heavy_imports(
+        "from streamspec.tools.profiler.collect import ProfileSettings, run_profile; "
+        "from streamspec.tools.commands import profile, report; "
+        f"run_profile(ProfileSettings({str(folders['streams'])!r}, prompts=['ab'], max_new_tokens=3, "
+        "provider='cpu', curve_repeats=1, copy_bytes=2 ** 20))")
 
 
 # ------------------------------------------------------------------------------ small parts

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import assert_tokens_match
+from helpers import assert_runs_without_heavy_imports, assert_tokens_match
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
 from streamspec.runtime.folder import read_folder
@@ -267,13 +267,7 @@ def test_profile_reports_tree_sizes_before_and_after_pruning(folders, tmp_path, 
 
 
 def test_pruning_runtime_imports_neither_torch_nor_transformers(folders):
-    import subprocess
-    import sys
-
-    code = ("import sys; from streamspec.runtime import Engine; "
-            f"e = Engine({str(folders['split'])!r}, provider='cpu', budget=6, prune=0.3); "
-            "e.generate('ab', max_new_tokens=8, ignore_eos=True); assert e.session.split; "
-            "heavy = [m for m in ('torch', 'transformers', 'streamspec.models') if m in sys.modules]; "
-            "print(heavy); sys.exit(1 if heavy else 0)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert_runs_without_heavy_imports(
+        "from streamspec.runtime import Engine; "
+        f"e = Engine({str(folders['split'])!r}, provider='cpu', budget=6, prune=0.3); "
+        "e.generate('ab', max_new_tokens=8, ignore_eos=True); assert e.session.split")
