@@ -35,7 +35,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from streamspec.errors import StreamspecError
+from streamspec.errors import StreamspecError, first_line
 
 from .folder import DeployConfig
 from .tree import in_place
@@ -125,7 +125,7 @@ class RunTiming(NamedTuple):
 
 def run_failure(error: Exception) -> str:
     """One sentence for an error ONNX Runtime raised while running a step."""
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    first = first_line(error)
     if "attention_bias is not supported" in first:
         # onnxruntime-gpu before microsoft/onnxruntime#29525 (2026-07): the CUDA kernel of
         # GroupQueryAttention, which the portable backend uses, takes no attention bias.
@@ -250,7 +250,7 @@ class StepSession:
         try:
             return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # onnxruntime raises several unrelated types
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            first = first_line(error, 200)
             raise StreamspecError(f"onnxruntime could not load {path} ({first}); export the model again.") from None
 
     def _allocate_cache(self) -> None:

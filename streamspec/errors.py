@@ -17,6 +17,12 @@ class StreamspecError(Exception):
     """A user-facing error: one clear sentence, no traceback."""
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type when it has none), at most
+    `limit` characters: what goes inside a one-sentence error about it."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def read_json_file(path: Union[str, os.PathLike], *, missing: str, corrupt: str, fmt: Optional[str] = None,
                    wrong_format: str = "", version_key: str = "format_version", version: Optional[int] = None,
                    wrong_version: str = "") -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from streamspec.errors import StreamspecError
+from streamspec.errors import StreamspecError, first_line
 
 BACKENDS = ("portable", "custom")
 TREE_SIZES = (1, 8, 16, 32, 64)
@@ -297,9 +297,8 @@ def op_table(args: argparse.Namespace, max_length: int, console: Any) -> list[di
                     except Exception as error:  # onnxruntime raises several unrelated types
                         # e.g. onnxruntime-gpu before mid-2026: GroupQueryAttention's CUDA
                         # kernel rejects attention_bias. Time TreeAttention alone then.
-                        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
                         console.print(f"GroupQueryAttention with an attention bias does not run on {args.provider} "
-                                      f"with this onnxruntime ({first}); timing TreeAttention alone.")
+                                      f"with this onnxruntime ({first_line(error, 200)}); timing TreeAttention alone.")
                         backends.remove("portable")
                         del ops["portable"]
                 with console.status(f"op alone: past {past}, tree {nodes}, {layer} layer"):

@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from streamspec.errors import first_line
+
 # ONNX TensorProto element types and AttributeProto types used below.
 FLOAT, INT32, INT64 = 1, 6, 7
 ATTR_FLOAT, ATTR_INT = 1, 2
@@ -174,16 +176,12 @@ def _session(ort, graph: bytes, provider: str, options=None):
     try:
         session = ort.InferenceSession(graph, options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise VerifyError(f"onnxruntime could not create a session: {_first_line(exc)}") from None
+        raise VerifyError(f"onnxruntime could not create a session: {first_line(exc)}") from None
     if session.get_providers()[0] != providers[0]:
         raise VerifyError(f"{providers[0]} did not load (onnxruntime fell back to {session.get_providers()[0]}): "
                           "check that CUDA and cuDNN match the onnxruntime-gpu build (its log above says which "
                           "library is missing)")
     return session
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def check_provider(ort, provider: str) -> str:
@@ -212,7 +210,7 @@ def check_custom_op(ort, provider: str) -> str:
     try:
         output, key_cache, _ = session.run(None, feeds)
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise VerifyError(f"TreeAttention failed on {provider}: {_first_line(exc)}") from None
+        raise VerifyError(f"TreeAttention failed on {provider}: {first_line(exc)}") from None
     error = float(np.abs(output - tree_attention_reference(feeds)).max())
     if not error < 1e-4:
         raise VerifyError(f"TreeAttention on {provider} differs from the reference by {error:.3g}: the library in "

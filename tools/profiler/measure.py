@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from streamspec.errors import first_line
+
 COPY_BYTES = 256 * 2 ** 20  # well above the last-level cache of any edge CPU
 CURVE_NODES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -31,7 +33,7 @@ def copy_bandwidth(device: str, nbytes: int = COPY_BYTES, repeats: int = 3) -> d
     try:
         seconds = _cuda_copy_seconds(nbytes, repeats) if device == "cuda" else _host_copy_seconds(nbytes, repeats)
     except Exception as error:  # an unusual ORT build or no device memory: say so, keep going
-        return dict(bytes_per_second=None, buffer_bytes=nbytes, method=f"not measured ({_first_line(error)})")
+        return dict(bytes_per_second=None, buffer_bytes=nbytes, method=f"not measured ({first_line(error, 160)})")
     method = ("onnxruntime.copy_tensors between two CUDA OrtValues" if device == "cuda"
               else "numpy copy between two host buffers")
     return dict(bytes_per_second=2 * nbytes / seconds, buffer_bytes=nbytes, method=method)
@@ -101,7 +103,7 @@ def cuda_memory_used() -> tuple[Optional[int], str]:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=5, check=True).stdout
     except (OSError, subprocess.SubprocessError) as error:
-        return None, f"nvidia-smi failed ({_first_line(error)})"
+        return None, f"nvidia-smi failed ({first_line(error, 160)})"
     for line in out.splitlines():
         fields = [f.strip() for f in line.split(",")]
         if len(fields) == 2 and fields[0] == str(os.getpid()) and fields[1].isdigit():
@@ -205,6 +207,3 @@ def latency_curve(engine, past: int, sizes=CURVE_NODES, repeats: int = 3, extra=
                            median_ms=1000 * statistics.median(times), min_ms=1000 * min(times), repeats=repeats))
     return points
 
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
