@@ -24,7 +24,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from streamspec import custom_ops  # noqa: E402
 from streamspec.custom_ops import CustomOpError  # noqa: E402
-from streamspec.tools.bench_attention import op_model  # noqa: E402
+from streamspec.tools.bench_attention import op_model, random_parents  # noqa: E402
 
 
 def _cuda_wanted() -> bool:
@@ -98,7 +98,7 @@ def random_tree(kind: str, n: int, rng) -> np.ndarray:
         parent = np.zeros(n, dtype=np.int64)
         parent[0] = -1
     else:
-        parent = np.array([-1] + [int(rng.integers(0, i)) for i in range(1, n)])
+        parent = random_parents(rng, n)
     return parent.astype(np.int32)
 
 

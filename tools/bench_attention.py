@@ -112,9 +112,14 @@ def export_folders(model_name: str, max_length: int, force: bool) -> dict[str, P
 
 
 # ------------------------------------------------------------------------------ timing
+def random_parents(rng: np.random.Generator, nodes: int) -> np.ndarray:
+    """int32 [nodes]: a random tree's parent indices, -1 for the root, each before its children."""
+    return np.array([-1] + [int(rng.integers(0, i)) for i in range(1, nodes)], dtype=np.int32)
+
+
 def tree_feeds(rng: np.random.Generator, nodes: int, past: int, vocab: int) -> dict[str, np.ndarray]:
     """Greedy feeds for a random tree of `nodes` nodes after `past` committed rows."""
-    parents = np.array([-1] + [int(rng.integers(0, i)) for i in range(1, nodes)], dtype=np.int32)
+    parents = random_parents(rng, nodes)
     mask = np.eye(nodes, dtype=bool)
     depth = np.zeros(nodes, dtype=np.int64)
     for i in range(1, nodes):  # parents come first, so their rows are complete
@@ -215,7 +220,7 @@ def op_feeds(rng: np.random.Generator, heads: tuple[int, int, int], nodes: int, 
     def rand(*shape: int) -> np.ndarray:
         return rng.standard_normal(shape).astype(dtype)
 
-    parents = np.array([-1] + [int(rng.integers(0, i)) for i in range(1, nodes)], dtype=np.int32)
+    parents = random_parents(rng, nodes)
     bias = np.zeros((1, 1, rows, past + rows), dtype=dtype)
     bias[..., past:] = np.where(np.tri(rows, dtype=bool), 0.0, -np.inf)
     return dict(query=rand(1, rows, num_heads * head_dim), key=rand(1, rows, kv_num_heads * head_dim),
