@@ -135,5 +135,7 @@ def test_bench_attention_reports_both_backends(custom_library, smollm2_dir, tmp_
                         for layer, g in (("lower", 0), ("MSA", 3))}
     for row in report["results"] + report["op_results"]:
         assert row["portable_ms"] > 0 and row["custom_ms"] > 0 and row["speedup"] > 0
+    for bad in (["--trees", "0"], ["--pasts", "-3"], ["--repeats", "0"]):
+        assert bench_attention.main(["--model", "tiny", "--json", str(out), *bad]) == 1
     if "CUDAExecutionProvider" not in ort.get_available_providers():  # a missing GPU: one sentence
         assert bench_attention.main(["--provider", "cuda", "--model", "tiny", "--json", str(out)]) == 1

@@ -339,6 +339,9 @@ def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
 
     from streamspec import custom_ops
 
+    if min(args.trees) < 1 or min(args.pasts) < 0 or args.repeats < 1 or args.warmup < 0:
+        raise StreamspecError("--trees and --repeats must be at least 1, --pasts and --warmup at least 0.")
+
     if args.provider == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise StreamspecError("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu.")
