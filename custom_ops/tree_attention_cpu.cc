@@ -552,9 +552,14 @@ __attribute__((target("avx2,fma"))) void RunAvx2(void* data, size_t task) { RunT
 #endif
 
 // The best kernel this CPU runs; the environment variable STREAMSPEC_CPU_KERNEL=avx2|base
-// selects a lower one (tests check every kernel on one machine).
+// selects a lower one (tests check every kernel on one machine).  nullptr for any other
+// value of the variable: a typo must not silently time or test the wrong kernel.
 template <typename T>
 void (*RunThunkFor())(void*, size_t) {
+  const char* wanted = std::getenv("STREAMSPEC_CPU_KERNEL");
+  if (wanted != nullptr && *wanted != '\0' && std::strcmp(wanted, "avx2") != 0 && std::strcmp(wanted, "base") != 0) {
+    return nullptr;
+  }
 #if defined(__x86_64__)
   static const int level = [] {
     __builtin_cpu_init();
@@ -564,7 +569,6 @@ void (*RunThunkFor())(void*, size_t) {
     }
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
   }();
-  const char* wanted = std::getenv("STREAMSPEC_CPU_KERNEL");
   int use = level;
   if (wanted != nullptr && std::strcmp(wanted, "avx2") == 0) use = std::min(level, 1);
   if (wanted != nullptr && std::strcmp(wanted, "base") == 0) use = 0;
@@ -597,6 +601,9 @@ const char* Run(const TreeAttentionShape& sh, const T* query, const T* key, cons
                 const T* key_cache_in, const T* value_cache_in, T* key_cache, T* value_cache,
                 int64_t past, const int32_t* tree_parent, const int32_t* compact_src, T* output,
                 ParallelForFn parallel_for, void* runner) {
+  // Checked before anything is written.
+  void (*run_task)(void*, size_t) = RunThunkFor<T>();
+  if (run_task == nullptr) return "TreeAttention: STREAMSPEC_CPU_KERNEL must be avx2, base or unset";
   const int64_t hd = sh.head_dim;
   const int64_t n_nodes = sh.num_nodes;
   const int64_t gamma = sh.num_streams;
@@ -712,7 +719,7 @@ const char* Run(const TreeAttentionShape& sh, const T* query, const T* key, cons
       ParallelRun(parallel_for, runner, &ConvertThunk, static_cast<size_t>(sh.kv_num_heads * chunks), &job);
     }
   }
-  ParallelRun(parallel_for, runner, RunThunkFor<T>(), static_cast<size_t>(sh.kv_num_heads * job.groups * job.splits), &job);
+  ParallelRun(parallel_for, runner, run_task, static_cast<size_t>(sh.kv_num_heads * job.groups * job.splits), &job);
   if (job.splits > 1) ParallelRun(parallel_for, runner, &MergeThunk<T>, static_cast<size_t>(base), &job);
   return nullptr;
 }

@@ -274,6 +274,13 @@ def test_parity_lower_cpu_kernels(kernel, libraries, monkeypatch):
         _check_case(case, np.float16, "cpu", libraries, seed=zlib.crc32(_case_id(case).encode()))
 
 
+def test_unknown_cpu_kernel_is_an_error(libraries, monkeypatch):
+    monkeypatch.setenv("STREAMSPEC_CPU_KERNEL", "avx")  # a typo must not run another kernel silently
+    case = F32_CASES[3]
+    with pytest.raises(Exception, match="STREAMSPEC_CPU_KERNEL must be avx2, base or unset"):
+        _check_case(case, np.float32, "cpu", libraries, seed=0)
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_explicit_scale_and_single_thread(provider, libraries):
     rng = np.random.default_rng(7)
