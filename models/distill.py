@@ -4,17 +4,17 @@ In lossless mode the streams learn to predict what the main stream (the unchange
 model) will say, so the right targets are the base model's greedy answers, not some
 dataset's human answers. Each output line holds the token ids training reads:
 
-    {"id", "split", "prompt_ids": [...], "answer_ids": [...], "text", "base"}
+    {"id", "split", "domain", "prompt_ids": [...], "answer_ids": [...], "text", "base"}
 
 `answer_ids` ends with the EOS token when the model produced one within the budget;
 `base` is a prefix of the base model's fingerprint, so a resumed run never mixes two
 models' answers in one file.
 
-Batching uses left padding with an attention mask. In fp32 a padded batch can differ
-from one-at-a-time greedy decoding at rare near-ties of the top two logits (other
-matmul shapes, other summation order). That is acceptable here: training only needs
-answers the model plausibly gives, and the lossless guarantee is checked against the
-model itself, not against this file.
+Answers come from continuous batching (`batched.py`): many prompts per forward pass,
+no padding. In fp32 a batch can differ from one-at-a-time greedy decoding at rare
+near-ties of the top two logits (other matmul shapes, other summation order); the
+tests allow exactly that and nothing more. Training only needs answers the model
+gives, and the lossless guarantee is checked against the model itself, not this file.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from .errors import StreamspecError
-from .loading import base_fingerprint, load_base_model, load_tokenizer, resolve_base
+from .loading import base_fingerprint, load_tokenizer, resolve_base
 
 PathLike = Union[str, os.PathLike]
+STDLIB_KINDS = ("complete", "summarise", "explain")  # models/prompts.py
 
 
 def _is_message(message: Any) -> bool:
@@ -100,10 +101,15 @@ def _done_ids(out_path: Path, base: str) -> set[str]:
     return done
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def _eos_ids(folder: Path, tokenizer: Any) -> list[int]:
     # The generation config's EOS (SmolLM2: <|im_end|>) plus the tokenizer's, in case
     # a model folder sets only one of them.
-    ids = model.generation_config.eos_token_id
+    from transformers import GenerationConfig
+
+    try:
+        ids = GenerationConfig.from_pretrained(str(folder)).eos_token_id
+    except OSError:  # no generation_config.json
+        ids = None
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
@@ -123,46 +129,24 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], record_id: str = 
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def greedy_answers(
-    model: Any, batch: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int
-) -> list[list[int]]:
-    """Greedy answers to a batch of prompts (left padded), each cut after its first EOS."""
-    import torch
-    from transformers import GenerationConfig
-
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch])
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-    config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-        bos_token_id=model.generation_config.bos_token_id,
-    )
-    with torch.inference_mode():
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    answers = []
-    for row in output[:, width:].tolist():
-        cut = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
-        answers.append(row[:cut])
-    return answers
-
-
 def distill(
     base: Optional[str],
-    prompts_path: PathLike,
+    prompts_path: Union[PathLike, Sequence[PathLike]],
     out_path: PathLike,
     max_new_tokens: int = 128,
-    batch_size: int = 8,
+    batch_size: int = 48,
     limit: Optional[int] = None,
     progress: bool = True,
     threads: int = 2,
 ) -> dict[str, int]:
     """Append the base model's greedy answers to `out_path`, one JSON line per prompt.
 
-    Resumable: prompts whose id is already in `out_path` are skipped, and each answer
-    is flushed as soon as its batch is done, so a stopped run loses at most one batch.
+    prompts_path: one prompts file or several (`limit` applies to each). Answers come
+    from continuous batching (`batched.SlotDecoder`, `batch_size` prompts at once);
+    held-out prompts go first and the train prompts of the domains take turns, so a
+    stopped run leaves a balanced mix. Resumable: prompts whose id is already in
+    `out_path` are skipped, and each answer is written (one flushed line) as soon as it
+    ends, so a stopped run loses only the answers in flight.
     Returns {"total", "skipped", "written"}.
     """
     if max_new_tokens < 1:
@@ -171,51 +155,95 @@ def distill(
         raise StreamspecError(f"The batch size must be at least 1, got {batch_size}.")
     if limit is not None and limit < 1:
         raise StreamspecError(f"The prompt limit must be at least 1, got {limit}.")
-    records = read_prompts(prompts_path, limit)
+    paths = [prompts_path] if isinstance(prompts_path, (str, os.PathLike)) else list(prompts_path)
+    records: list[dict[str, Any]] = []
+    for path in paths:
+        records.extend(read_prompts(path, limit))
+    repeated = _first_repeat(r["id"] for r in records)
+    if repeated is not None:
+        raise StreamspecError(f"The prompt id {repeated!r} appears in more than one prompts file.")
     folder = resolve_base(base, progress=progress)
     fingerprint = base_fingerprint(folder)[:16]
     out_path = Path(out_path)
     if out_path.is_dir():
         raise StreamspecError(f"The output path {out_path} is a folder, not a file.")
     done = _done_ids(out_path, fingerprint)
-    todo = [r for r in records if r["id"] not in done]
+    todo = interleave([r for r in records if r["id"] not in done])
     stats = {"total": len(records), "skipped": len(records) - len(todo), "written": 0}
     if not todo:
         return stats
 
     import torch
 
+    from .batched import Job, SlotDecoder
+    from .model import build_model
+
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(folder)
-    model = load_base_model(folder)
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
-    encoded = [(r, prompt_ids(tokenizer, r["messages"], r["id"])) for r in todo]
-    # Similar lengths in one batch waste less compute on padding; the output order
-    # does not matter since records are keyed by id.
-    encoded.sort(key=lambda item: len(item[1]))
+    model = build_model(folder)
+    eos_ids = _eos_ids(folder, tokenizer)
+    jobs = [Job(r, prompt_ids(tokenizer, r["messages"], r["id"]), max_new_tokens) for r in todo]
+    longest = max(len(job.prompt) for job in jobs) + max_new_tokens
+    if longest > model.config.max_position_embeddings:
+        job = max(jobs, key=lambda j: len(j.prompt))
+        raise StreamspecError(
+            f"Prompt {job.key['id']!r} ({len(job.prompt)} tokens) plus {max_new_tokens} new tokens exceeds the "
+            f"model's context of {model.config.max_position_embeddings} tokens.")
+    decoder = SlotDecoder(model, min(batch_size, len(jobs)), max_length=longest)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "a", encoding="utf-8") as handle, _progress_bar(progress) as bar:
         task = bar.add_task("distilling", total=len(records), completed=stats["skipped"]) if bar else None
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start : start + batch_size]
-            answers = greedy_answers(model, [ids for _, ids in chunk], max_new_tokens, eos_ids, pad_id)
-            for (record, ids), answer in zip(chunk, answers):
-                line = {
-                    "id": record["id"],
-                    "split": record.get("split", "train"),
-                    "prompt_ids": ids,
-                    "answer_ids": answer,
-                    "text": tokenizer.decode(answer, skip_special_tokens=True),
-                    "base": fingerprint,
-                }
-                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-                handle.flush()
-            stats["written"] += len(chunk)
+        for job, answer in decoder.decode(jobs, eos_ids):
+            record = job.key
+            line = {
+                "id": record["id"],
+                "split": record.get("split", "train"),
+                "domain": domain_of(record),
+                "prompt_ids": list(job.prompt),
+                "answer_ids": answer,
+                "text": tokenizer.decode(answer, skip_special_tokens=True),
+                "base": fingerprint,
+            }
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+            handle.flush()
+            stats["written"] += 1
             if bar:
-                bar.update(task, advance=len(chunk))
+                bar.update(task, advance=1)
     return stats
+
+
+def domain_of(record: dict[str, Any]) -> str:
+    """A prompt's domain: its "domain" field; the standard-library harvest's records
+    (which name a "kind" instead) are "stdlib"."""
+    domain = record.get("domain")
+    if isinstance(domain, str) and domain:
+        return domain
+    return "stdlib" if record.get("kind") or str(record.get("id", "")).split(":")[0] in STDLIB_KINDS else "general"
+
+
+def interleave(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Held-out records first, then the train records with the domains taking turns
+    (each domain keeps its order)."""
+    ordered: list[dict[str, Any]] = []
+    for split in ("heldout", "train"):
+        queues: dict[str, list[dict[str, Any]]] = {}
+        for record in records:
+            if record.get("split", "train") == split:
+                queues.setdefault(domain_of(record), []).append(record)
+        columns = list(queues.values())
+        for i in range(max((len(c) for c in columns), default=0)):
+            ordered.extend(column[i] for column in columns if i < len(column))
+    return ordered
+
+
+def _first_repeat(ids) -> Optional[str]:
+    seen: set[str] = set()
+    for record_id in ids:
+        if record_id in seen:
+            return record_id
+        seen.add(record_id)
+    return None
 
 
 class _NoBar:

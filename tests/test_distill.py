@@ -146,3 +146,59 @@ def test_harvest_is_deterministic_and_split_by_file(tmp_path):
     assert all(len(splits) == 1 for splits in splits_of_file.values())
     # The harvest's records are what distillation reads.
     assert len(read_prompts(tmp_path / "one" / "train.jsonl")) == counts["train"]
+
+
+# ---------------------------------------------------------------- continuous batching
+
+
+def test_slot_decoder_refills_slots_and_matches_unbatched_greedy(tiny_model_dir):
+    """Two slots for five prompts of other lengths and budgets: slots are refilled as
+    answers end, and every answer equals greedy decoding of that prompt alone (transformers,
+    no cache sharing), up to a near-tie of the reference's logits."""
+    from helpers import assert_tokens_match
+
+    from streamspec.models.batched import Job, SlotDecoder
+    from streamspec.models.model import build_model
+
+    folder = tiny_model_dir("llama")
+    hf = load_base_model(folder)
+    prompts = [[5, 9, 11], [7] * 12, [40, 41, 42, 43, 44, 45, 46], [99, 3], list(range(10, 30))]
+    budgets = [9, 4, 12, 7, 5]
+    jobs = [Job(i, p, n) for i, (p, n) in enumerate(zip(prompts, budgets))]
+    decoder = SlotDecoder(build_model(folder), slots=2, max_length=48)
+    answers = dict((job.key, tokens) for job, tokens in decoder.decode(jobs, eos_ids=[]))
+    assert sorted(answers) == list(range(5))
+
+    def reference_logits(prompt):
+        def logits(prefix):
+            with torch.no_grad():
+                return hf(torch.tensor([prompt + prefix])).logits[0, -1].numpy()
+        return logits
+
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=budget,
+                              min_new_tokens=budget, pad_token_id=2)
+        reference = out[0, len(prompt):].tolist()
+        assert len(answers[i]) == budget
+        assert_tokens_match(answers[i], reference, reference_logits(prompt))
+
+
+def test_slot_decoder_sampling_does_not_depend_on_the_batch(tiny_model_dir):
+    """A sampled job draws the same tokens whether it shares the batch or runs alone: its
+    draws come from its own seeded chooser over its own logits."""
+    from streamspec.models.batched import Job, SlotDecoder
+    from streamspec.models.model import build_model
+    from streamspec.runtime.sampling import SamplingParams
+
+    model = build_model(tiny_model_dir("llama"))
+    params = dict(temperature=1.0, top_p=0.9, top_k=40)
+    jobs = [Job(i, [4 + i, 20, 30 + i], 10, SamplingParams(seed=100 + i, **params)) for i in range(4)]
+    together = dict((job.key, t) for job, t in SlotDecoder(model, 4, 16).decode(jobs, eos_ids=[]))
+    alone = {job.key: next(iter(SlotDecoder(model, 1, 16).decode([job], eos_ids=[])))[1] for job in jobs}
+    assert together == alone
+    assert len({tuple(t) for t in together.values()}) == 4  # four seeds, four different draws
+    with pytest.raises(StreamspecError, match="top_k"):
+        list(SlotDecoder(model, 1, 16).decode([Job(0, [5], 2, SamplingParams(temperature=1.0, seed=0))], []))
+    with pytest.raises(StreamspecError, match="does not fit"):
+        list(SlotDecoder(model, 1, 16).decode([Job(0, [5] * 10, 7)], []))
