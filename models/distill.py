@@ -274,3 +274,25 @@ def _progress_bar(enabled: bool) -> Any:
         TimeRemainingColumn(),
         transient=False,
     )
+
+
+def write_mix(out_path: PathLike, settings: dict[str, Any]) -> Path:
+    """Record what a distilled file holds next to it (OUT.mix.json, written atomically):
+    answers and answer tokens per domain and split, and the settings that made them."""
+    from .checkpoint import write_json
+
+    out_path = Path(out_path)
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    with open(out_path, "rb") as handle:
+        for raw in handle:
+            if not raw.strip():
+                continue
+            record = json.loads(raw)
+            entry = counts.setdefault(domain_of(record), {}).setdefault(
+                record.get("split", "train"), {"answers": 0, "answer_tokens": 0})
+            entry["answers"] += 1
+            entry["answer_tokens"] += len(record.get("answer_ids", []))
+    path = out_path.with_name(out_path.stem + ".mix.json")
+    write_json(path, {"format": "streamspec-distill-mix", "data": out_path.name, "settings": settings,
+                      "domains": dict(sorted(counts.items()))})
+    return path

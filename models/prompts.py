@@ -205,6 +205,7 @@ def collect_prompts(root: Optional[Path] = None, limit: Optional[int] = None) ->
                 {
                     "id": record_id,
                     "kind": kind,
+                    "domain": "stdlib",
                     "source": rel,
                     "split": split,
                     "messages": [{"role": "user", "content": message}],

@@ -78,3 +78,24 @@ def test_generate_refuses_bad_requests(tiny_model_dir, tmp_path):
     bad.write_text('{"id": "x"}\n')
     with pytest.raises(StreamspecError, match="^Line 1 of .* is not a self-prompt record"):
         generate_prompts(folder, bad, 4, progress=False)
+
+
+def test_distill_command_writes_self_prompts_answers_and_the_mix(tiny_model_dir, tmp_path, quick_turn_end, capsys):
+    """`streamspec distill --self-prompts N --domains ...`: prompts, then answers tagged with
+    their domain, then OUT.mix.json counting answers per domain and split."""
+    from streamspec.tools.cli import main
+
+    folder = tiny_model_dir("llama")
+    out = tmp_path / "d.jsonl"
+    argv = ["distill", "--base", str(folder), "--out", str(out), "--self-prompts", "4", "--domains", "story,json",
+            "--max-new-tokens", "6", "--batch-size", "3", "--no-progress"]
+    assert main(argv) == 0
+    answers = lines(out)
+    assert sorted(r["domain"] for r in answers) == ["json", "json", "story", "story"]
+    assert all(len(r["answer_ids"]) <= 6 for r in answers)
+    mix = json.loads((tmp_path / "d.mix.json").read_text())
+    assert mix["settings"]["domains"] == ["story", "json"] and mix["settings"]["self_prompts"] == 4
+    assert sum(e["answers"] for d in mix["domains"].values() for e in d.values()) == 4
+    assert main(argv) == 0 and len(lines(out)) == 4  # resumed: nothing new to do
+    assert main(argv[:5] + ["--domains", "stdlib", "--self-prompts", "4"]) == 1
+    assert "at least one model-written domain" in capsys.readouterr().err
