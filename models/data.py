@@ -1,7 +1,7 @@
 """Training data: distilled answers (JSONL) and the windows that training steps take.
 
 `streamspec distill` writes one JSON object per line:
-    {"id": ..., "split": "train" | "heldout", "prompt_ids": [...], "answer_ids": [...], "text": ...}
+    {"id": ..., "split": "train" | "heldout", "domain": ..., "prompt_ids": [...], "answer_ids": [...], "text": ...}
 A record's sequence is prompt + answer (T tokens, P of prompt, A of answer). Training
 looks at the answer positions t in [P - 1, T - 1): main row t predicts token t + 1,
 stream j predicts t + 1 + j. Those positions are cut into windows of at most
@@ -25,6 +25,20 @@ from .errors import StreamspecError
 SPLITS = ("train", "heldout")
 
 
+STDLIB_KINDS = ("complete", "summarise", "explain")  # the standard-library harvest (models/prompts.py)
+
+
+def domain_of(record: dict) -> str:
+    """A record's domain: its "domain" field; the standard-library harvest's records
+    (which name a "kind", or carry it in their id, as older files do) are "stdlib"."""
+    domain = record.get("domain")
+    if isinstance(domain, str) and domain:
+        return domain
+    if record.get("kind") or str(record.get("id", "")).split(":")[0] in STDLIB_KINDS:
+        return "stdlib"
+    return "general"
+
+
 @dataclass(frozen=True)
 class Record:
     index: int  # position in the file's records (a stable key)
@@ -32,6 +46,7 @@ class Record:
     split: str
     prompt_ids: tuple[int, ...]
     answer_ids: tuple[int, ...]
+    domain: str = "general"
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -110,7 +125,7 @@ def read_records(path: Union[str, Path], vocab_size: int, base_sha256: Optional[
             answer = _token_list(item["answer_ids"], "answer_ids", where, vocab_size)
             if not prompt:
                 raise StreamspecError(f"{where}: prompt_ids is empty.")
-            records.append(Record(len(records), str(item.get("id", number)), split, prompt, answer))
+            records.append(Record(len(records), str(item.get("id", number)), split, prompt, answer, domain_of(item)))
     if not records:
         raise StreamspecError(f"The data file {path} holds no records.")
     return records
@@ -137,6 +152,16 @@ def split_records(records: list[Record], max_length: int) -> tuple[list[Record],
     if not train:
         raise StreamspecError("Every usable record is in the heldout split; training needs \"train\" records.")
     return train, heldout, skipped
+
+
+def heldout_by_domain(heldout: list[Record], per_domain: int) -> dict[str, list[Record]]:
+    """The first `per_domain` held-out records of each domain, domains sorted by name."""
+    groups: dict[str, list[Record]] = {}
+    for record in heldout:
+        group = groups.setdefault(record.domain, [])
+        if len(group) < per_domain:
+            group.append(record)
+    return dict(sorted(groups.items()))
 
 
 def record_windows(record: Record, window: int) -> list[Window]:

@@ -24,11 +24,11 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from .data import domain_of
 from .errors import StreamspecError
 from .loading import base_fingerprint, load_tokenizer, resolve_base
 
 PathLike = Union[str, os.PathLike]
-STDLIB_KINDS = ("complete", "summarise", "explain")  # models/prompts.py
 
 
 def _is_message(message: Any) -> bool:
@@ -211,15 +211,6 @@ def distill(
             if bar:
                 bar.update(task, advance=1)
     return stats
-
-
-def domain_of(record: dict[str, Any]) -> str:
-    """A prompt's domain: its "domain" field; the standard-library harvest's records
-    (which name a "kind" instead) are "stdlib"."""
-    domain = record.get("domain")
-    if isinstance(domain, str) and domain:
-        return domain
-    return "stdlib" if record.get("kind") or str(record.get("id", "")).split(":")[0] in STDLIB_KINDS else "general"
 
 
 def interleave(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

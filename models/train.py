@@ -46,7 +46,7 @@ from .attention import EagerAttention, MainKVAttention, causal_tree_mask
 from .checkpoint import (CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, load_trained, save_checkpoint,
                          save_tensors, write_json)
 from .config import StreamConfig
-from .data import Record, Window, file_sha256, read_records, split_records, window_stream
+from .data import Record, Window, file_sha256, heldout_by_domain, read_records, split_records, window_stream
 from .errors import StreamspecError
 from .model import Transformer
 
@@ -83,9 +83,9 @@ class TrainConfig:
     seed: int = 0
     # Not part of the run's identity: may change when resuming.
     eval_every: int = 100
-    eval_records: int = 32
+    eval_records: int = 32  # held-out records per domain
     save_every: int = 50
-    budgets: tuple = (1, 4, 8, 16)
+    budgets: tuple = (1, 4, 8, 16, 32, 64)
     stop_at: Optional[int] = None  # pause after this step (resumable)
     path: str = "auto"  # auto | cached | plain
     threads: Optional[int] = None
@@ -350,13 +350,38 @@ def evaluate(model: Transformer, records: list[Record], budgets, config: TrainCo
     }
 
 
+MACRO_KEYS = ("loss", "main_loss", "main_accuracy", "exit_agreement")
+
+
+def evaluate_domains(model: Transformer, groups: dict[str, list[Record]], budgets, config: TrainConfig) -> dict:
+    """`evaluate` on each domain's held-out records, and their macro average (every domain
+    counts the same, however many records it has): a regression on one domain shows in
+    its own figures and moves the average that picks the best checkpoint."""
+    per = {domain: evaluate(model, records, budgets, config) for domain, records in groups.items()}
+    results = list(per.values())
+    metrics = {key: float(np.mean([r[key] for r in results])) for key in MACRO_KEYS}
+    for key in ("stream_loss", "stream_accuracy"):
+        metrics[key] = [float(x) for x in np.mean([r[key] for r in results], axis=0)]
+    metrics["tokens_per_pass"] = {b: float(np.mean([r["tokens_per_pass"][b] for r in results]))
+                                  for b in results[0]["tokens_per_pass"]}
+    metrics["records"] = sum(r["records"] for r in results)
+    metrics["domains"] = {domain: {"records": r["records"], "tokens_per_pass": r["tokens_per_pass"],
+                                   "stream_accuracy": r["stream_accuracy"]} for domain, r in per.items()}
+    return metrics
+
+
 def describe(metrics: dict) -> str:
-    """One line of held-out metrics."""
+    """Held-out metrics: one line, then one line of tokens per pass per domain."""
     accuracy = " ".join(f"{100 * a:.1f}%" for a in metrics["stream_accuracy"])
     losses = " ".join(f"{x:.2f}" for x in metrics["stream_loss"])
     per_pass = " ".join(f"B{b}:{v:.2f}" for b, v in metrics["tokens_per_pass"].items())
-    return (f"stream acc {accuracy} | stream loss {losses} | main acc {100 * metrics['main_accuracy']:.1f}% "
+    line = (f"stream acc {accuracy} | stream loss {losses} | main acc {100 * metrics['main_accuracy']:.1f}% "
             f"| exit agree {100 * metrics['exit_agreement']:.1f}% | tokens/pass {per_pass}")
+    domains = metrics.get("domains", {})
+    if len(domains) > 1:
+        line += "".join(f"\n  {domain:>10}: " + " ".join(f"B{b}:{v:.2f}" for b, v in d["tokens_per_pass"].items())
+                        for domain, d in domains.items())
+    return line
 
 
 # ------------------------------------------------------------------------------------
@@ -510,7 +535,8 @@ def _train(config: TrainConfig, dist: _Distributed, console, progress: bool) -> 
     model.to(device)
     train_records, heldout, skipped = split_records(read_records(config.data, model.config.vocab_size, base_sha),
                                                     config.max_length)
-    heldout = heldout[:config.eval_records]
+    heldout_groups = heldout_by_domain(heldout, config.eval_records)
+    heldout = [r for group in heldout_groups.values() for r in group]
     identity = {**{k: getattr(config, k) for k in TrainConfig.IDENTITY},
                 "base_sha256": base_sha, "data_sha256": file_sha256(config.data), "world_size": dist.world}
     out = Path(config.out)
@@ -551,6 +577,7 @@ def _train(config: TrainConfig, dist: _Distributed, console, progress: bool) -> 
     training_meta = {**{k: v for k, v in asdict(config).items() if k not in run_switches},
                      "budgets": list(config.budgets), **identity,
                      "train_records": len(train_records), "heldout_records": len(heldout),
+                     "heldout_domains": {d: len(g) for d, g in heldout_groups.items()},
                      "skipped_records": skipped, "path": "cached" if cached else "plain"}
 
     def save(step: int, metrics: Optional[dict], best: bool) -> None:
@@ -566,7 +593,7 @@ def _train(config: TrainConfig, dist: _Distributed, console, progress: bool) -> 
         _swap_in(tmp, out / LAST_DIR)
 
     def run_eval(step: int) -> None:
-        metrics = evaluate(model, heldout, config.budgets, config)
+        metrics = evaluate_domains(model, heldout_groups, config.budgets, config)
         model.train()
         state["history"].append({"step": step, **metrics})
         best = state["best"] is None or metrics["loss"] < state["best"]["loss"]

@@ -141,6 +141,32 @@ def test_training_lowers_stream_loss_and_raises_accuracy(tiny_llama_dir, data, t
     assert (result.out / "streamspec.json").is_file() and (result.out / "last" / "trainer_state.json").is_file()
 
 
+def test_evaluation_reports_each_domain_and_their_mean(tiny_llama_dir, tmp_path):
+    """Two domains, one learnable (answers walk CYCLE), one not (random answers): each
+    gets its own held-out figures, the headline is their unweighted mean, and the
+    learnable domain is the one that gains."""
+    path = write_data(tmp_path / "data.jsonl")
+    rng = random.Random(5)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, record in enumerate(records):
+        if (i // 8) % 2:  # blocks of 8: each domain gets held-out records (every 8th)
+            record["domain"] = "noise"
+            record["answer_ids"] = [rng.randrange(FIRST_ID, VOCAB) for _ in record["answer_ids"]]
+        else:
+            record["domain"] = "cycle"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = train(tiny_config(tiny_llama_dir, path, tmp_path / "run", steps=30, eval_every=30, eval_records=3),
+                   progress=False, echo=False)
+    last = result.history[-1]
+    assert set(last["domains"]) == {"cycle", "noise"}
+    assert all(d["records"] == 3 for d in last["domains"].values())
+    per = {name: d["tokens_per_pass"]["4"] for name, d in last["domains"].items()}
+    assert last["tokens_per_pass"]["4"] == pytest.approx((per["cycle"] + per["noise"]) / 2)
+    assert per["cycle"] > per["noise"] + 0.3, per
+    meta = json.loads((result.out / "streamspec.json").read_text())
+    assert meta["training"]["heldout_domains"] == {"cycle": 3, "noise": 3}
+
+
 def test_resume_continues_exactly(tiny_llama_dir, data, tmp_path):
     straight = train(tiny_config(tiny_llama_dir, data, tmp_path / "a", steps=6), progress=False, echo=False)
     paused = train(tiny_config(tiny_llama_dir, data, tmp_path / "b", steps=6, stop_at=3), progress=False, echo=False)
@@ -250,15 +276,16 @@ def test_distill_command_passes_options_through(run_cli, monkeypatch, tmp_path):
 
     calls = []
 
-    def fake_distill(base, prompts_path, out_path, **options):
-        calls.append((base, Path(prompts_path), Path(out_path), options))
+    def fake_distill(base, prompts_paths, out_path, **options):
+        calls.append((base, [Path(p) for p in prompts_paths], Path(out_path), options))
+        Path(out_path).write_text("")
         return {"total": 3, "skipped": 1, "written": 2}
 
     monkeypatch.setattr(distill_module, "distill", fake_distill)
     code, out, _ = run_cli("distill", "--base", "B", "--prompts", "p1.jsonl", "p2.jsonl", "--out",
                            str(tmp_path / "d.jsonl"), "--limit", "5", "--batch-size", "2", "--no-progress")
-    assert code == 0 and "Wrote 4 answers" in out
-    assert [c[1].name for c in calls] == ["p1.jsonl", "p2.jsonl"]
+    assert code == 0 and "Wrote 2 answers" in out and "(1 were already there)" in out
+    assert len(calls) == 1 and [p.name for p in calls[0][1]] == ["p1.jsonl", "p2.jsonl"]
     assert calls[0][0] == "B" and calls[0][3]["limit"] == 5 and calls[0][3]["batch_size"] == 2
     assert calls[0][3]["progress"] is False
 

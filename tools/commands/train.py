@@ -58,9 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     run = parser.add_argument_group("evaluation and running")
     run.add_argument("--eval-every", type=int, default=100, help="held-out evaluation (and best save) every N steps")
-    run.add_argument("--eval-records", type=int, default=32, help="held-out records per evaluation")
+    run.add_argument("--eval-records", type=int, default=32,
+                     help="held-out records per domain in each evaluation (figures per domain and their mean)")
     run.add_argument("--save-every", type=int, default=50, help="save last/ (resume point) every N steps")
-    run.add_argument("--budgets", type=_budgets, default=(1, 4, 8, 16),
+    run.add_argument("--budgets", type=_budgets, default=(1, 4, 8, 16, 32, 64),
                      help="tree budgets (draft nodes) for the greedy tokens-per-pass metric, comma-separated")
     run.add_argument("--stop-at", type=int, default=None,
                      help="pause after this step; run the same command again to resume")
@@ -97,5 +98,6 @@ def run(args: argparse.Namespace) -> int:
     if result.history:
         best = next((h for h in result.history if h["step"] == result.best_step), result.history[-1])
         per_pass = ", ".join(f"budget {b}: {v:.2f}" for b, v in best["tokens_per_pass"].items())
-        print(f"Best checkpoint (step {result.best_step}) in {result.out}; greedy tokens per pass {per_pass}.")
+        print(f"Best checkpoint (step {result.best_step}) in {result.out}; greedy tokens per pass {per_pass}"
+              + (" (mean over domains)." if len(best.get("domains", {})) > 1 else "."))
     return 0
