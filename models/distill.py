@@ -270,7 +270,7 @@ def _progress_bar(enabled: bool) -> Any:
 def write_mix(out_path: PathLike, settings: dict[str, Any]) -> Path:
     """Record what a distilled file holds next to it (OUT.mix.json, written atomically):
     answers and answer tokens per domain and split, and the settings that made them."""
-    from .checkpoint import write_json
+    from streamspec.files import write_json
 
     out_path = Path(out_path)
     counts: dict[str, dict[str, dict[str, int]]] = {}

@@ -54,7 +54,9 @@ def coverage(ids: torch.Tensor, answers: Sequence[Sequence[int]]) -> float:
 def save_draft_vocab(folder: Union[str, Path], ids: torch.Tensor, train_coverage: float,
                      heldout_coverage: Optional[float] = None) -> None:
     """Store `ids` in the checkpoint folder and describe it in its streamspec.json."""
-    from .checkpoint import CONFIG_FILE, _sha256, save_tensors, write_json
+    from streamspec.files import write_json
+
+    from .checkpoint import CONFIG_FILE, _sha256, save_tensors
 
     folder = Path(folder)
     save_tensors(folder / VOCAB_FILE, {"draft_vocab": ids})

@@ -57,22 +57,55 @@ class BenchPrompt:
     id: str
     messages: Optional[list[dict[str, Any]]] = None  # chat messages, or
     text: Optional[str] = None  # a plain prompt (sent as a user message when there is a chat template)
+    domain: str = ""  # the kind of request ("" in a file that names none)
 
 
-def load_prompts(path: Optional[Path], limit: Optional[int]) -> list[BenchPrompt]:
-    """The first `limit` prompts of a JSONL file, or of the held-out split of the
-    standard-library harvest (`DEFAULT_NUM_PROMPTS` of them unless told)."""
+def default_prompts_file() -> Optional[Path]:
+    """The default model's held-out prompts of every domain (models/default/data), if installed."""
+    path = Path(__file__).resolve().parent.parent / "models" / "default" / "data" / "heldout-prompts.jsonl"
+    return path if path.is_file() else None
+
+
+def load_prompts(path: Optional[Path], limit: Optional[int], domains: Optional[Sequence[str]] = None,
+                 skip: int = 0) -> list[BenchPrompt]:
+    """Prompts of a JSONL file, or by default the held-out prompts the default model's
+    streams were not trained on (every domain; the standard-library harvest's held-out
+    split where that file is not installed).
+
+    Per domain, the first `skip` prompts are left out (tune measures on the ones after
+    bench's) and the next `limit` are kept (`DEFAULT_NUM_PROMPTS` by default for the
+    built-in prompts, all of a file's). `domains` keeps only those domains, in file order."""
     if limit is not None and limit < 1:
         raise StreamspecError(f"--num-prompts must be at least 1, got {limit}.")
+    if path is None:
+        path = default_prompts_file()
+        limit = limit or DEFAULT_NUM_PROMPTS
     if path is None:
         from streamspec.models.prompts import collect_prompts
 
         # The whole harvest (not collect_prompts' `limit` mode, which samples files) keeps
         # the held-out split and its order fixed for a given Python.
-        heldout = [r for r in collect_prompts() if r["split"] == "heldout"]
-        return [BenchPrompt(r["id"], messages=r["messages"]) for r in heldout[:limit or DEFAULT_NUM_PROMPTS]]
-    prompts = _read_prompt_file(Path(path))
-    return prompts[:limit] if limit else prompts
+        prompts = [BenchPrompt(r["id"], messages=r["messages"], domain="stdlib")
+                   for r in collect_prompts() if r["split"] == "heldout"]
+    else:
+        prompts = _read_prompt_file(Path(path))
+    if domains:
+        known = sorted({p.domain for p in prompts})
+        missing = [d for d in domains if d not in known]
+        if missing:
+            raise StreamspecError(f"The prompts hold no domain {missing[0]!r}; they hold "
+                                  f"{', '.join(repr(d) for d in known)}.")
+        prompts = [p for p in prompts if p.domain in domains]
+    taken: dict[str, int] = {}
+    kept = []
+    for prompt in prompts:
+        seen = taken.get(prompt.domain, 0)
+        taken[prompt.domain] = seen + 1
+        if seen >= skip and (limit is None or seen < skip + limit):
+            kept.append(prompt)
+    if not kept:
+        raise StreamspecError(f"{path} holds no prompts after the first {skip} of each domain.")
+    return kept
 
 
 def _read_prompt_file(path: Path) -> list[BenchPrompt]:
@@ -97,12 +130,64 @@ def _read_prompt_file(path: Path) -> list[BenchPrompt]:
         if not good_messages and not (isinstance(text, str) and text):
             raise StreamspecError(f"Line {number} of {path} has neither a \"messages\" list of "
                                   "{\"role\", \"content\"} objects nor a non-empty \"prompt\" string.")
+        domain = record.get("domain", "")
+        if not isinstance(domain, str):
+            raise StreamspecError(f"Line {number} of {path} has a \"domain\" that is not a string.")
         prompt_id = str(record.get("id", f"{path.name}:{number}"))
-        prompts.append(BenchPrompt(prompt_id, messages=messages) if good_messages
-                       else BenchPrompt(prompt_id, text=text))
+        prompts.append(BenchPrompt(prompt_id, messages=messages if good_messages else None,
+                                   text=None if good_messages else text, domain=domain))
     if not prompts:
         raise StreamspecError(f"The prompts file {path} holds no prompts.")
     return prompts
+
+
+def domain_summary(report: dict[str, Any], domains: Sequence[str], speculative: str = "streamspec",
+                   autoregressive: str = "streamspec-ar") -> list[dict[str, Any]]:
+    """Per domain (in first-seen order), then "mean" (every domain weighing the same):
+    prompts, the speculative system's tokens per pass (pooled over the domain's prompts,
+    prefill included), both systems' tok/s (mean of per-prompt medians), the speed-up
+    and how many outputs are identical to the autoregressive system's."""
+    rows = {r["system"]: r for r in report["systems"] if r["status"] == "ok"}
+    if speculative not in rows or autoregressive not in rows:
+        return []
+    out = []
+    for domain in dict.fromkeys(domains):
+        index = [i for i, d in enumerate(domains) if d == domain]
+        spec = [rows[speculative]["per_prompt"][i] for i in index]
+        ar = [rows[autoregressive]["per_prompt"][i] for i in index]
+        entry = {"domain": domain or "(none)", "prompts": len(index),
+                 "tokens_per_pass": sum(p["new_tokens"] for p in spec) / max(sum(p["forward_passes"] for p in spec), 1),
+                 "tokens_per_second": statistics.fmean(p["tokens_per_second"] for p in spec),
+                 "ar_tokens_per_second": statistics.fmean(p["tokens_per_second"] for p in ar),
+                 "identical": sum(a["token_ids"] == b["token_ids"] for a, b in zip(spec, ar))}
+        entry["speedup"] = entry["tokens_per_second"] / entry["ar_tokens_per_second"]
+        out.append(entry)
+    if len(out) > 1:
+        mean = {key: statistics.fmean(e[key] for e in out)
+                for key in ("tokens_per_pass", "tokens_per_second", "ar_tokens_per_second", "speedup")}
+        out.append({"domain": "mean", "prompts": sum(e["prompts"] for e in out),
+                    "identical": sum(e["identical"] for e in out), **mean})
+    return out
+
+
+def render_domains(rows: list[dict[str, Any]]):
+    """The per-domain summary as a rich Table."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="per domain: speculative vs autoregressive, same folder", box=box.SIMPLE_HEAD,
+                  show_edge=False, padding=(0, 1, 0, 0),
+                  caption="tok/pass: tokens per forward pass, pooled over the domain's prompts (prefill included); "
+                          "speed-up: speculative / autoregressive tok/s; mean: every domain weighs the same.")
+    for header in ("domain", "prompts", "tok/pass", "spec tok/s", "AR tok/s", "speed-up", "identical"):
+        table.add_column(header, justify="left" if header == "domain" else "right", no_wrap=True)
+    for row in rows:
+        same = f"{row['identical']}/{row['prompts']}"
+        table.add_row(row["domain"], str(row["prompts"]), f"{row['tokens_per_pass']:.2f}",
+                      f"{row['tokens_per_second']:.1f}", f"{row['ar_tokens_per_second']:.1f}",
+                      f"{row['speedup']:.2f}×",
+                      f"[green]{same}[/]" if row["identical"] == row["prompts"] else f"[red]{same}[/]")
+    return table
 
 
 def tokenize_prompts(folder: Path, prompts: Sequence[BenchPrompt]) -> list[list[int]]:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from streamspec.errors import StreamspecError
+from streamspec.files import write_json
 
 DEFAULT_BUDGETS = (1, 2, 4, 6, 8, 12, 16, 24, 32)
 DEFAULT_PRUNE = (0.05, 0.1, 0.2)  # thresholds tried on a folder exported with --pruning
@@ -57,6 +58,7 @@ class Candidate:
     lookup: int
     prune: float = 0.0
     tokens_per_pass: float = 0.0
+    domain_tokens_per_pass: dict = field(default_factory=dict)  # the same, per prompt domain
     nodes_per_step: float = 0.0  # drafted (before pruning)
     kept_per_step: float = 0.0  # after pruning: what the upper layers see
     measured_tokens_per_second: float = 0.0  # end-to-end decode, for reference (noisier)
@@ -78,8 +80,11 @@ def interpolate(curve: list[dict[str, Any]], nodes: float) -> float:
 
 
 def run_tune(settings: TuneSettings, prompts: list[list[int]],
-             progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    """Measure every candidate setting and the latency curve; returns the report."""
+             progress: Optional[Callable[[str], None]] = None,
+             domains: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Measure every candidate setting and the latency curve; returns the report.
+    domains: each prompt's domain, for tokens per pass per domain (None: one group)."""
+    domains = list(domains) if domains else [""] * len(prompts)
     from streamspec.runtime import Engine
     from streamspec.tools.profiler.measure import latency_curve, system_info
 
@@ -104,7 +109,7 @@ def run_tune(settings: TuneSettings, prompts: list[list[int]],
             for budget in settings.budgets:
                 say(f"budget {budget}, lookup {lookup}, pruning {prune or 'off'}")
                 candidates.append(_measure(pruning if prune else engine, prompts, reference, budget, lookup,
-                                           settings.max_new_tokens, prune))
+                                           settings.max_new_tokens, prune, domains))
     # The curve at the mean cache length of a decode step: prompt + half the answer.
     past = int(statistics.mean(len(p) for p in prompts) + settings.max_new_tokens / 2)
     biggest = int(np.ceil(max(c.nodes_per_step for c in candidates)))
@@ -127,6 +132,7 @@ def run_tune(settings: TuneSettings, prompts: list[list[int]],
     return dict(
         folder=str(settings.folder), date=datetime.date.today().isoformat(), system=system_info(engine.session.device),
         threads=settings.threads, prompts=len(prompts), max_new_tokens=settings.max_new_tokens, past=past,
+        domains={d: domains.count(d) for d in dict.fromkeys(domains)} if len(set(domains)) > 1 else None,
         autoregressive=dict(step_ms=ar_ms, expected_tokens_per_second=ar_expected,
                             measured_tokens_per_second=statistics.mean(ar_speed)),
         candidates=[c.as_dict() for c in candidates], latency_curve=curve,
@@ -154,23 +160,29 @@ def pruned_latencies(engine, past: int, pairs: set[tuple[int, int]], repeats: in
 
 
 def _measure(engine, prompts: list[list[int]], reference: list[list[int]], budget: int, lookup: int,
-             max_new_tokens: int, prune: float = 0.0) -> Candidate:
+             max_new_tokens: int, prune: float = 0.0, domains: Sequence[str] = ()) -> Candidate:
     engine.budget, engine.lookup = budget, lookup
     if prune:
         engine.prune = prune
     c = Candidate(budget, lookup, prune)
     tokens = steps = nodes = kept = 0
+    per_domain: dict[str, list[int]] = {}  # domain -> [tokens, steps]
     speeds = []
-    for ids, expected in zip(prompts, reference):
+    for ids, expected, domain in zip(prompts, reference, domains or [""] * len(prompts)):
         result = engine.generate(ids, max_new_tokens=max_new_tokens)
         stats = result.stats
         c.identical &= result.token_ids == expected
         tokens += stats.new_tokens - 1  # the prefill commits the first token
         steps += stats.steps
+        counts = per_domain.setdefault(domain, [0, 0])
+        counts[0] += stats.new_tokens - 1
+        counts[1] += stats.steps
         nodes += sum(stats.drafted_sizes)
         kept += sum(stats.tree_sizes)
         speeds.append(stats.decode_tokens_per_second)
     c.tokens_per_pass = tokens / max(steps, 1)
+    if len(per_domain) > 1:
+        c.domain_tokens_per_pass = {d: t / max(n, 1) for d, (t, n) in per_domain.items()}
     c.nodes_per_step = nodes / max(steps, 1)
     c.kept_per_step = kept / max(steps, 1)
     c.measured_tokens_per_second = statistics.mean(speeds)
@@ -188,4 +200,4 @@ def write_choice(folder: Path, report: dict[str, Any]) -> None:
     tree["prune"] = float(choice.get("prune", 0.0))
     tree["tuned"] = dict(date=report["date"], device=report["system"]["device_name"], threads=report["threads"],
                          expected_speedup=choice["expected_speedup"], reason=choice["reason"])
-    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_json(path, config)  # atomic: a failed write leaves the old file

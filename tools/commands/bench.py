@@ -21,11 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder written by `streamspec export`; when omitted, the default model, exported "
                              "once into the streamspec cache (the folder `streamspec demo` uses)")
     parser.add_argument("--prompts", metavar="FILE", default=None,
-                        help='a JSONL file of {"messages": [...]} or {"prompt": "..."} records (a prompt is sent as '
-                             "a user message through the chat template); when omitted, the held-out split of the "
-                             "standard-library prompt harvest")
+                        help='a JSONL file of {"messages": [...]} or {"prompt": "..."} records, each with an optional '
+                             '"domain" (a prompt is sent as a user message through the chat template); when omitted, '
+                             "the default model's held-out prompts of every domain, which its streams never saw")
+    parser.add_argument("--domains", default=None, metavar="LIST",
+                        help="comma-separated domains of the prompts to run (default: all); figures are printed per "
+                             "domain and as their mean")
     parser.add_argument("--num-prompts", type=int, default=None, metavar="N",
-                        help="use the first N prompts; when omitted, 8 of the harvest or all of a --prompts file")
+                        help="use the first N prompts of each domain; when omitted, 8 of the built-in prompts or "
+                             "all of a --prompts file")
     parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N",
                         help="the most tokens each generation makes")
     parser.add_argument("--repeats", type=int, default=3, metavar="N",
@@ -73,11 +77,16 @@ def run(args: argparse.Namespace) -> int:
                                    Path(args.hf_model) if args.hf_model else None,
                                    prompt_lookup_tokens=args.prompt_lookup_tokens,
                                    genai_folder=Path(args.genai_model) if args.genai_model else None)
-    prompts = bench.load_prompts(Path(args.prompts) if args.prompts else None, args.num_prompts)
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
+    prompts = bench.load_prompts(Path(args.prompts) if args.prompts else None, args.num_prompts, domains)
     prompt_ids = bench.tokenize_prompts(folder, prompts)
     report = bench.run_bench(settings, prompt_ids, systems, args.max_new_tokens, args.repeats, args.baseline,
                              progress=not args.no_progress, prompt_names=[p.id for p in prompts])
+    report["prompts"] = [{**entry, "domain": p.domain} for entry, p in zip(report["prompts"], prompts)]
+    report["domains"] = bench.domain_summary(report, [p.domain for p in prompts])
     console.print(bench.render_table(report))
+    if report["domains"]:
+        console.print(bench.render_domains(report["domains"]))
     for line in settings.notes + bench.row_notes(report):
         console.print(f"[yellow]note[/]: {line}")
     bench.write_report(report, Path(args.json))

@@ -11,9 +11,13 @@ HELP = ("Measure the step-latency curve and the acceptance of several tree budge
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="DIR", help="a folder written by `streamspec export`")
     parser.add_argument("--prompts", metavar="FILE", default=None,
-                        help='a JSONL file of {"messages": [...]} or {"prompt": "..."} records; when omitted, '
-                             "held-out prompts of the standard-library harvest that `streamspec bench` does not use")
-    parser.add_argument("--num-prompts", type=int, default=8, metavar="N", help="prompts to generate")
+                        help='a JSONL file of {"messages": [...]} or {"prompt": "..."} records, each with an optional '
+                             '"domain"; when omitted, the default model\'s held-out prompts of every domain that '
+                             "`streamspec bench` does not use")
+    parser.add_argument("--domains", default=None, metavar="LIST",
+                        help="comma-separated domains of the prompts to use (default: all); tokens per pass is "
+                             "reported per domain")
+    parser.add_argument("--num-prompts", type=int, default=8, metavar="N", help="prompts per domain")
     parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="tokens per generation")
     parser.add_argument("--budgets", default=",".join(map(str, _budgets())), metavar="B,B,...",
                         help="tree budgets (draft nodes) to try")
@@ -52,17 +56,17 @@ def run(args: argparse.Namespace) -> int:
     prunes = _thresholds(args.prune, config.can_prune, folder)
     if args.num_prompts < 1 or args.max_new_tokens < 1 or args.repeats < 1:
         raise StreamspecError("--num-prompts, --max-new-tokens and --repeats must be positive.")
-    if args.prompts:
-        prompts = bench.load_prompts(Path(args.prompts), args.num_prompts)
-    else:  # bench measures the first held-out prompts; tune on the ones after them
-        first = bench.DEFAULT_NUM_PROMPTS
-        prompts = bench.load_prompts(None, first + args.num_prompts)[first:]
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
+    # bench measures the first built-in held-out prompts of each domain; tune the ones after them
+    prompts = bench.load_prompts(Path(args.prompts) if args.prompts else None, args.num_prompts, domains,
+                                 skip=0 if args.prompts else bench.DEFAULT_NUM_PROMPTS)
     console = Console()
     settings = tune.TuneSettings(folder, budgets=budgets, lookup=lookups, max_new_tokens=args.max_new_tokens,
                                  threads=args.threads, provider=args.provider, repeats=args.repeats, prune=prunes)
     with console.status("tuning") as status:
         report = tune.run_tune(settings, bench.tokenize_prompts(folder, prompts),
-                               progress=lambda message: status.update(f"tuning: {message}"))
+                               progress=lambda message: status.update(f"tuning: {message}"),
+                               domains=[p.domain for p in prompts])
     table = Table(title=f"tree settings on {report['system']['device_name']} (past {report['past']} rows)")
     for column in ("budget", "lookup", "prune", "tokens/pass", "nodes/step", "kept/step", "step ms", "expected tok/s",
                    "measured tok/s", "exact"):
@@ -77,6 +81,17 @@ def run(args: argparse.Namespace) -> int:
                       f"{ms:.1f}", f"{c['expected_tokens_per_second']:.1f}",
                       f"{c['measured_tokens_per_second']:.1f}", "yes" if c["identical"] else "[red]NO[/]")
     console.print(table)
+    if report.get("domains"):
+        per_domain = Table(title="tokens per pass per domain")
+        per_domain.add_column("budget", justify="right")
+        per_domain.add_column("lookup", justify="right")
+        for domain in report["domains"]:
+            per_domain.add_column(domain, justify="right")
+        for c in report["candidates"]:
+            if not c["prune"]:
+                per_domain.add_row(str(c["budget"]), str(c["lookup"]),
+                                   *(f"{c['domain_tokens_per_pass'][d]:.2f}" for d in report["domains"]))
+        console.print(per_domain)
     choice = report["choice"]
     console.print(f"choice: budget {choice['budget']}, lookup {choice['lookup']}, pruning "
                   f"{choice['prune'] or 'off'} ({choice['reason']}; expected speed-up {choice['expected_speedup']:.2f}x)")

@@ -1,0 +1,42 @@
+"""Writing files so that a crash never leaves one half-written (standard library only:
+the runtime on a device uses it too).
+
+Every file streamspec writes goes through `write_atomic`: the content goes to a hidden
+temporary file in the same folder, is flushed to disk, and is renamed over the target
+in one step. A process killed at any moment leaves either the old file or the new one,
+never a mixture; a failed write (disk full, no permission) raises and leaves the old file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def write_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
+    """Call write(temporary path), then rename the result onto `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as handle:  # the data reaches the disk before the rename does
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: PathLike, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: PathLike, data: Any, indent: int = 2) -> None:
+    """`data` as JSON (NaN and infinities refused: they are not JSON)."""
+    write_text(path, json.dumps(data, indent=indent, allow_nan=False) + "\n")
