@@ -3,15 +3,19 @@
     export(spec, out_dir)              resolve a checkpoint folder or a base-model spec
     export_model(model, tok_dir, out)  trace a `Transformer` object
 
-The folder is assembled in a temporary sibling and renamed into place only when it is
-complete and a smoke generation on it has run, so a failed export leaves nothing
-half-written.
+The folder is assembled in a hidden temporary sibling (.NAME.tmp-XXXX) and renamed into
+place only when it is complete and a smoke generation on it has run, so a failed export
+leaves nothing half-written. A killed export (SIGKILL runs no cleanup) leaves its
+temporary sibling behind; an flock on the sibling's .lock file, held while the export
+runs, lets the next export into the same parent folder tell such leftovers from an
+export still running, and remove them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import io
 import json
 import logging
@@ -20,12 +24,13 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import IO, Any, Callable, Iterator, Optional, Union
 
 import torch
 
 from streamspec import __version__
 from streamspec.errors import StreamspecError
+from streamspec.files import write_json
 from streamspec.models.model import Transformer
 from streamspec.runtime.folder import CONFIG_FILE, FORMAT, FORMAT_VERSION
 
@@ -133,8 +138,7 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
         raise StreamspecError("--pruning and --kv-dtype cannot be combined yet; export without one of them.")
     say = _reporter(progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with work_folder(out_dir, say) as tmp:
         if dtype != "fp32":
             model = copy.deepcopy(model).to(DTYPES[dtype])
         if full_draft_vocab and model.draft_vocab is not None:
@@ -163,8 +167,6 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
             say("Checking the folder with a short generation")
             smoke_test(tmp)
         _move_into_place(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -293,7 +295,7 @@ def deploy_config(model: Transformer, dtype: str, max_length: int, candidates: i
 
 
 def _write_config(config: dict[str, Any], folder: Path) -> None:
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_json(folder / CONFIG_FILE, config)
 
 
 def _quantize_kv_cache(model: Transformer, folder: Path, config: dict[str, Any], kv: str, dtype: str) -> None:
@@ -371,7 +373,7 @@ def _check_options(model: Transformer, tokenizer_dir: Path, out_dir: Path, dtype
     if backend not in BACKENDS:
         raise StreamspecError(f"--attention must be portable or custom, got {backend!r}.")
     positions = model.config.max_position_embeddings
-    max_length = int(max_length or min(positions, 2048))
+    max_length = min(positions, 2048) if max_length is None else int(max_length)  # 0 is out of range, not the default
     if not 16 <= max_length <= positions:
         raise StreamspecError(f"--max-length must be between 16 and the model's {positions} positions, "
                               f"got {max_length}.")
@@ -386,6 +388,76 @@ def _check_options(model: Transformer, tokenizer_dir: Path, out_dir: Path, dtype
     if out_dir.exists() and not (out_dir.is_dir() and (out_dir / CONFIG_FILE).is_file()):
         raise StreamspecError(f"{out_dir} exists and is not an exported folder; refusing to replace it.")
     return max_length
+
+
+# -------------------------------------------------------------------------- the temporary folder
+TMP_INFIX, LOCK_SUFFIX = ".tmp-", ".lock"
+
+
+@contextlib.contextmanager
+def work_folder(out_dir: Path, say: Callable[[str], None] = lambda message: None) -> Iterator[Path]:
+    """A hidden temporary sibling of `out_dir` to assemble an export in, removed at the
+    end whatever happens (SIGTERM included: the CLI turns it into an exit). Its lock
+    file is flocked while the export runs; leftovers of killed exports are removed first."""
+    clean_stale_exports(out_dir, say)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{TMP_INFIX}", dir=out_dir.parent))
+    lock_path = tmp.with_name(tmp.name + LOCK_SUFFIX)
+    lock = _try_lock(lock_path, create=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lock_path.unlink(missing_ok=True)  # while still held, so no other export can take it for a leftover
+        if lock is not None:
+            lock.close()
+
+
+def clean_stale_exports(out_dir: Path, say: Callable[[str], None] = lambda message: None) -> list[Path]:
+    """Remove the temporary folders that killed exports to `out_dir` left behind (their
+    lock is free); leave those of exports still running (their lock is held), and name
+    those without a lock file (an older streamspec's), which cannot be told apart.
+    Returns the folders removed."""
+    removed, unknown = [], []
+    for tmp in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}{TMP_INFIX}*")):
+        if not tmp.is_dir():
+            continue
+        lock_path = tmp.with_name(tmp.name + LOCK_SUFFIX)
+        lock = _try_lock(lock_path, create=False)
+        if lock is None:
+            if not lock_path.exists():
+                unknown.append(tmp)
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        lock_path.unlink(missing_ok=True)
+        lock.close()
+        removed.append(tmp)
+    if removed:
+        say(f"Removed {len(removed)} temporary folder(s) left by interrupted exports: "
+            f"{', '.join(p.name for p in removed)}")
+    if unknown:
+        say(f"Found temporary folder(s) of an interrupted export without a lock ({', '.join(p.name for p in unknown)}) "
+            f"in {out_dir.parent}; remove them if no other export is running.")
+    return removed
+
+
+def _try_lock(path: Path, create: bool) -> Optional[IO[bytes]]:
+    """The file at `path`, opened and exclusively flocked, or None when it is missing
+    (create False) or locked by a live process. Without fcntl (Windows) nothing is
+    locked: the file is returned only when created, so leftovers are never removed."""
+    try:
+        import fcntl
+    except ImportError:
+        return open(path, "ab") if create else None
+    try:
+        handle = open(path, "ab" if create else "rb")
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: a running export holds it
+        handle.close()
+        return None
+    return handle
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

@@ -20,28 +20,36 @@ scratch, the tokens are the same (up to the rounding of a tree step against a ch
 prefill, which can only flip an exact near-tie, as in tests/helpers.py).
 
 A saved conversation is a folder: conversation.json (token ids, messages, the model's
-fingerprint) and kv.npz (the cached rows as the cache stores them, [2 * layers,
-kv_heads, rows, head_dim], read back with allow_pickle=False). It restores only into
-the model that wrote it.
+fingerprint, the cache's identity) and kv.npz (the cached rows as the cache stores them,
+[2 * layers, kv_heads, rows, head_dim], read back with allow_pickle=False). It restores
+only into the model that wrote it, and only with its own cache: the identity is a
+sha256 over the model's fingerprint, the cached tokens and the rows' bytes, so another
+conversation's kv.npz, a damaged or truncated one, or one left by a save that died
+half-way is refused in one sentence instead of silently giving a wrong next turn. Both
+files are written atomically (streamspec/files.py), the cache first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
-from streamspec.errors import StreamspecError, read_json_file
+from streamspec.errors import StreamspecError, first_line, read_json_file
+from streamspec.files import write_atomic, write_text
 
 from .session import common_prefix
 
 if TYPE_CHECKING:
     from .engine import Engine, Generation, Prompt
 
-FORMAT, FORMAT_VERSION = "streamspec-conversation", 1
+# Version 2 added the cache's identity (kv_sha256); a version 1 save cannot be verified.
+FORMAT, FORMAT_VERSION = "streamspec-conversation", 2
 STATE_FILE, KV_FILE = "conversation.json", "kv.npz"
 
 
@@ -113,22 +121,25 @@ class Conversation:
     # ---------------------------------------------------------------- save and restore
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write the conversation to the folder `path`: conversation.json and kv.npz
-        (the rows of `token_ids` that the cache holds now). Returns the folder."""
+        (the rows of `token_ids` that the cache holds now). Returns the folder. A save
+        that fails (disk full) or dies half-way leaves the files it replaces intact."""
         folder = Path(path).expanduser()
         rows = self.cached_rows
-        kv = self.engine.session.read_rows(self.engine.session.contents.row_index()[:rows])
-        state = dict(format=FORMAT, format_version=FORMAT_VERSION, model=self.engine.config.fingerprint(),
-                     dtype=self.engine.config.dtype, rows=rows, token_ids=self.token_ids, messages=self.messages)
+        kv = np.ascontiguousarray(self.engine.session.read_rows(self.engine.session.contents.row_index()[:rows]))
+        model = self.engine.config.fingerprint()
+        state = dict(format=FORMAT, format_version=FORMAT_VERSION, model=model, dtype=self.engine.config.dtype,
+                     rows=rows, token_ids=self.token_ids, messages=self.messages,
+                     kv_sha256=cache_identity(model, self.token_ids[:rows], kv))
         try:
-            text = json.dumps(state, ensure_ascii=False)
+            text = json.dumps(state, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError):
             raise StreamspecError("The conversation's messages are not plain JSON, so it cannot be saved.") from None
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            np.savez(folder / KV_FILE, kv=kv)
-            (folder / STATE_FILE).write_text(text, encoding="utf-8")
-        except OSError as error:
-            raise StreamspecError(f"Cannot save the conversation to {folder} ({error.strerror or error}).") from None
+            write_atomic(folder / KV_FILE, lambda tmp: _save_kv(tmp, kv))
+            write_text(folder / STATE_FILE, text)  # last: it names the cache that is now there
+        except (OSError, UnicodeEncodeError) as error:
+            raise StreamspecError(f"Cannot save the conversation to {folder} ({_reason(error)}).") from None
         return folder
 
     @classmethod
@@ -136,23 +147,20 @@ class Conversation:
         """Restore a saved conversation into `engine`'s cache (the model must be the one
         that saved it); the next turn runs only its new tokens."""
         folder = Path(path).expanduser()
-        state = _read_state(folder)
+        state = _read_state(folder, engine.config.vocab_size)
         if state["model"] != engine.config.fingerprint():
             raise StreamspecError(f"{folder} was saved with another model than {engine.config.folder}, "
                                   "so its cache cannot be restored into it.")
         rows = state["rows"]
-        expected = engine.session.rows_shape(rows)
-        try:
-            with np.load(folder / KV_FILE, allow_pickle=False) as archive:
-                kv = archive["kv"]
-        except (OSError, ValueError, KeyError):
-            raise StreamspecError(f"{folder / KV_FILE} is missing or not a saved KV cache.") from None
-        if kv.shape != expected or kv.dtype != engine.session.cache_dtype:
-            raise StreamspecError(f"{folder / KV_FILE} holds a cache of shape {kv.shape} ({kv.dtype}), "
-                                  f"not {expected} ({np.dtype(engine.session.cache_dtype)}): the file is corrupt.")
         if rows >= engine.max_length:
             raise StreamspecError(f"{folder} holds {rows} cached tokens, more than this engine's maximum "
                                   f"length of {engine.max_length}; create the engine with a larger max_length.")
+        kv = _read_kv(folder / KV_FILE, engine.session.rows_shape(rows), np.dtype(engine.session.cache_dtype))
+        if cache_identity(state["model"], state["token_ids"][:rows], kv) != state["kv_sha256"]:
+            raise StreamspecError(f"{folder / KV_FILE} does not belong to {folder / STATE_FILE} (its checksum "
+                                  "differs: another conversation's cache, or a damaged file); save it again.")
+        if kv.dtype.kind == "f" and not np.isfinite(kv).all():
+            raise StreamspecError(f"{folder / KV_FILE} holds NaN or infinite values, so it is no usable cache.")
         conversation = cls(engine, messages=state["messages"])
         conversation.token_ids = state["token_ids"]
         contents = engine.session.contents
@@ -198,18 +206,72 @@ def _finish(pieces: Iterator[str], engine: "Engine") -> "Generation":
     return engine.last_result
 
 
-def _read_state(folder: Path) -> dict[str, Any]:
+def cache_identity(model: str, token_ids: list[int], kv: np.ndarray) -> str:
+    """sha256 tying saved cache rows to the model (its fingerprint), the tokens they hold
+    and their bytes: a save's kv.npz matches only its own conversation.json."""
+    digest = hashlib.sha256(json.dumps([model, token_ids, kv.dtype.str, list(kv.shape)]).encode())
+    digest.update(np.ascontiguousarray(kv).data)
+    return digest.hexdigest()
+
+
+def _save_kv(path: Path, kv: np.ndarray) -> None:
+    with open(path, "wb") as file:  # a file object: np.savez would add ".npz" to a path
+        np.savez(file, kv=kv)
+
+
+def _read_kv(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The array in kv.npz, which must have `shape` and `dtype`; one sentence when the
+    file is missing, damaged, truncated or not a cache of this engine."""
+    expected = int(np.prod(shape)) * dtype.itemsize
+    try:
+        with zipfile.ZipFile(path) as archive:  # sizes first: a forged header must not allocate gigabytes
+            if archive.getinfo("kv.npy").file_size > expected + (1 << 16):
+                raise StreamspecError(f"{path} holds a larger cache than {shape} ({dtype}): the file is corrupt.")
+        with np.load(path, allow_pickle=False) as archive:
+            kv = archive["kv"]
+    except StreamspecError:
+        raise
+    except FileNotFoundError:
+        raise StreamspecError(f"{path} is missing, so the conversation's cache cannot be restored.") from None
+    except Exception as error:  # zipfile and numpy raise many types on damaged files (BadZipFile, EOFError, ...)
+        raise StreamspecError(f"{path} is not a saved KV cache or is damaged ({first_line(error, 120)}).") from None
+    if kv.shape != shape or kv.dtype != dtype:
+        raise StreamspecError(f"{path} holds a cache of shape {kv.shape} ({kv.dtype}), "
+                              f"not {shape} ({dtype}): the file is corrupt.")
+    return kv
+
+
+def _read_state(folder: Path, vocab_size: int) -> dict[str, Any]:
     """conversation.json, checked; one sentence when it is not a saved conversation."""
+    path = folder / STATE_FILE
     state = read_json_file(
-        folder / STATE_FILE, missing=f"{folder} holds no {STATE_FILE}, so it is not a saved conversation.",
-        corrupt=f"{folder / STATE_FILE} is not valid JSON (corrupt or truncated).",
-        fmt=FORMAT, wrong_format=f"{folder / STATE_FILE} does not describe a saved conversation.",
-        version=FORMAT_VERSION,
-        wrong_version=f"{folder} was saved in format version {{found}}, but this streamspec reads version "
-                      f"{FORMAT_VERSION}.")
-    ids, rows = state.get("token_ids"), state.get("rows")
-    if (not isinstance(ids, list) or not all(isinstance(t, int) for t in ids) or not isinstance(rows, int)
-            or not 0 <= rows <= len(ids) or not isinstance(state.get("messages"), list)
-            or not isinstance(state.get("model"), str)):
-        raise StreamspecError(f"{folder / STATE_FILE} lacks token ids, rows, messages or the model (corrupt file).")
+        path, missing=f"{folder} holds no {STATE_FILE}, so it is not a saved conversation.",
+        corrupt=f"{path} is not valid JSON (corrupt or truncated).",
+        fmt=FORMAT, wrong_format=f"{path} does not describe a saved conversation.")
+    version = state.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise StreamspecError(f"{folder} was saved in format version {json.dumps(version)}, but this streamspec "
+                              f"reads version {FORMAT_VERSION}; a conversation saved by an older version cannot "
+                              "be verified, start it again.")
+    ids, rows, messages = state.get("token_ids"), state.get("rows"), state.get("messages")
+    if (not isinstance(ids, list) or not all(_is_int(t) and 0 <= t < vocab_size for t in ids)
+            or not _is_int(rows) or not 0 <= rows <= len(ids)):
+        raise StreamspecError(f"{path} lacks valid token ids (in [0, {vocab_size})) or rows (corrupt file).")
+    if not isinstance(messages, list) or not all(_is_message(m) for m in messages):
+        raise StreamspecError(f"{path}: messages must be a list of role and content texts (corrupt file).")
+    if not isinstance(state.get("model"), str) or not isinstance(state.get("kv_sha256"), str):
+        raise StreamspecError(f"{path} lacks the model's fingerprint or the cache's checksum (corrupt file).")
     return state
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_message(message: Any) -> bool:
+    return (isinstance(message, dict) and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str))
+
+
+def _reason(error: Exception) -> str:
+    return getattr(error, "strerror", None) or first_line(error)

@@ -40,7 +40,7 @@ from .folder import read_folder
 from .memory import MemoryEstimate, fit_to_memory, parse_size
 from .sampling import SamplingParams
 from .session import StepSession
-from .tokenizer import TextStream, Tokenizer, first_stop
+from .tokenizer import TextStream, Tokenizer, check_text, first_stop
 from .tree import (LOOKUP, Tree, accept, add_branch, build_tree, chain_tree, in_place, lookup_draft, nodes_to_score,
                    prune, single_node_tree)
 
@@ -52,6 +52,10 @@ _NO_ROWS = np.zeros(0, dtype=np.int64)
 _NO_UNIFORMS = np.zeros(0, dtype=np.float32)
 _GREEDY = dict(temperature=np.ones(1, dtype=np.float32), top_k=np.zeros(1, dtype=np.int64),
                top_p=np.ones(1, dtype=np.float32))
+
+
+class PromptTooLong(StreamspecError):
+    """A prompt over a token limit (a server answers it with context_length_exceeded)."""
 
 
 @dataclass
@@ -231,21 +235,23 @@ class Engine:
         """Like `generate`, yielding text as it is committed; the full result is then in
         `engine.last_result`. Arguments are checked before the generator is returned."""
         ids = self.prompt_ids(prompt)
-        params = SamplingParams(float(temperature), float(top_p), int(top_k), seed)
-        params.validate()
-        self.check_length(len(ids), max_new_tokens)
-        stops = [s for s in (stop or []) if s]
+        params, stops = self.check_options(len(ids), max_new_tokens, temperature, top_p, top_k, seed, stop)
         stats = GenerationStats(prompt_tokens=len(ids), speculative=speculative and self.can_speculate)
         past = self.session.contents.reusable(ids) if reuse_cache else 0
         tokens = self._tokens(ids, max_new_tokens, params, stats.speculative, ignore_eos, stats, past)
         return self._text(tokens, stops, stats)
 
-    def prompt_ids(self, prompt: Prompt) -> list[int]:
+    def prompt_ids(self, prompt: Prompt, max_tokens: Optional[int] = None) -> list[int]:
+        """The prompt's token ids. max_tokens: refuse (`PromptTooLong`) a prompt whose
+        size alone shows that it has more tokens, before the tokenizer spends time and
+        memory on it (a server passes its limit)."""
+        if max_tokens is not None:
+            self.check_prompt_size(prompt, max_tokens)
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             ids = self.tokenizer.encode_chat(list(prompt))
-        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(_is_token(t) for t in prompt):
             ids = [int(t) for t in prompt]
             if any(not 0 <= t < self.config.vocab_size for t in ids):
                 raise StreamspecError(f"Token ids must be in [0, {self.config.vocab_size}).")
@@ -254,6 +260,39 @@ class Engine:
         if not ids:
             raise StreamspecError("The prompt is empty.")
         return ids
+
+    def check_prompt_size(self, prompt: Prompt, max_tokens: int) -> None:
+        """Raise `PromptTooLong` when the prompt surely has more than `max_tokens` tokens:
+        more ids, or more characters than that many of the vocabulary's longest tokens
+        cover (`Tokenizer.longest_token`; chat messages: their contents, the template
+        only adds tokens). Costs a length, not a tokenization."""
+        if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
+            chars = sum(len(m.get("content")) for m in prompt if isinstance(m.get("content"), str))
+        elif isinstance(prompt, str):
+            chars = len(prompt)
+        else:  # token ids (anything else is refused by `prompt_ids`)
+            if isinstance(prompt, (list, tuple, np.ndarray)) and len(prompt) > max_tokens:
+                raise PromptTooLong(f"The prompt has {len(prompt)} tokens, more than the limit of {max_tokens}.")
+            return
+        most = max_tokens * self.tokenizer.longest_token
+        if chars > most:
+            raise PromptTooLong(f"The prompt has {chars} characters, more than {max_tokens} tokens can hold "
+                                f"(at most {most}: {self.tokenizer.longest_token} per token); shorten it.")
+
+    def check_options(self, prompt_tokens: int, max_new_tokens: Any, temperature: Any = 0.0, top_p: Any = 1.0,
+                      top_k: Any = 0, seed: Any = None,
+                      stop: Optional[Sequence[str]] = None) -> tuple[SamplingParams, list[str]]:
+        """Check a generation's options for a prompt of `prompt_tokens` tokens (one
+        sentence each): what `stream` checks before it starts, and what a server checks
+        before it queues a request or starts a streamed answer. Returns the sampling
+        parameters and the stop strings."""
+        params = SamplingParams.checked(temperature, top_p, top_k, seed)
+        self.check_length(prompt_tokens, max_new_tokens)
+        if isinstance(stop, str) or not all(isinstance(s, str) for s in stop or []):
+            raise StreamspecError("stop must be a list of strings.")
+        for text in stop or []:
+            check_text(text)
+        return params, [s for s in (stop or []) if s]
 
     def forward(self, tree: Tree, past: int, drafting: bool = True, kept: Optional[int] = None) -> dict[str, np.ndarray]:
         """One greedy forward pass over `tree` on top of `past` cached rows, committing
@@ -285,7 +324,7 @@ class Engine:
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse (one sentence) a request that does not fit the cache: the prompt plus
         max_new_tokens (a server checks this before it queues a request)."""
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        if not _is_token(max_new_tokens) or max_new_tokens < 1:
             raise StreamspecError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
         if max_new_tokens > self.room_for(prompt_tokens):
             raise StreamspecError(
@@ -538,6 +577,11 @@ class _Uniforms:
             more = self.rng.random(max(needed - len(self.values), 64), dtype=np.float32)
             self.values = np.concatenate([self.values, more])
         return self.values[indices]
+
+
+def _is_token(value: Any) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _draft(out: dict[str, np.ndarray], node: int) -> tuple[np.ndarray, np.ndarray]:

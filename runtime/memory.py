@@ -125,7 +125,7 @@ def parse_size(value: "int | float | str") -> int:
         size = float(number)
     except ValueError:
         size = -1.0
-    if unit not in _UNITS or size <= 0:
+    if unit not in _UNITS or not 0 < size < float("inf"):  # NaN fails both comparisons
         raise StreamspecError(f"A memory size must be a positive number with an optional unit (e.g. 1.5G, 800M), "
                               f"got {value!r}.")
     return int(size * _UNITS[unit])
@@ -136,7 +136,7 @@ def fit_to_memory(config: DeployConfig, memory_budget: int, max_length: Optional
     """The longest cache (at most `max_length`, default the exported maximum) whose
     weights + KV cache + activations at the tree `budget` fit in `memory_budget` bytes;
     one sentence when not even MIN_LENGTH tokens fit."""
-    longest = int(max_length or config.max_length)
+    longest = config.max_length if max_length is None else int(max_length)  # 0 is refused later, not the default
     fits = lambda length: estimate_memory(config, length, budget, split).total <= memory_budget  # noqa: E731
     if not fits(min(MIN_LENGTH, longest)):
         need = estimate_memory(config, min(MIN_LENGTH, longest), budget, split)

@@ -8,11 +8,14 @@ forward pass can confirm (see `tree.accept`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from streamspec.errors import StreamspecError
+
+
+MAX_SEED = 2 ** 64 - 1  # numpy's generators take any non-negative integer; 64 bits is plenty
 
 
 @dataclass
@@ -22,17 +25,39 @@ class SamplingParams:
     top_k: int = 0  # 0 means no limit
     seed: Optional[int] = None
 
+    @classmethod
+    def checked(cls, temperature: Any, top_p: Any, top_k: Any, seed: Any) -> "SamplingParams":
+        """The parameters from caller-supplied values (the Python API, the server, the
+        CLI), type- and range-checked; one sentence when one is wrong."""
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            if not _is_number(value):
+                raise StreamspecError(f"{name} must be a number, got {value!r}.")
+        params = cls(float(temperature), float(top_p), top_k, seed)
+        params.validate()
+        return params
+
     def validate(self) -> None:
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise StreamspecError(f"temperature must be >= 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:
             raise StreamspecError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0:
-            raise StreamspecError(f"top_k must be >= 0, got {self.top_k}.")
+        if not _is_integer(self.top_k) or self.top_k < 0:
+            raise StreamspecError(f"top_k must be an integer >= 0, got {self.top_k!r}.")
+        # A negative seed made numpy raise deep inside a generation (a 500 from the server).
+        if self.seed is not None and (not _is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise StreamspecError(f"seed must be an integer between 0 and 2**64 - 1, got {self.seed!r}.")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def filtered_distribution(ids: np.ndarray, logits: np.ndarray,

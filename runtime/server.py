@@ -14,13 +14,24 @@ holds (a chat client resends the whole history every turn, so turn n+1 prefills 
 its new tokens; `usage.prompt_tokens_details.cached_tokens` says how many came from
 the cache).
 
-Limits are checked before a request is queued and refused with a 400 in OpenAI's
-error format (`{"error": {"message", "type", "param", "code"}}`), so the official
-client raises `BadRequestError` with one clear sentence: a prompt over
+Limits are checked before a request is queued, and before a streamed answer starts
+(no 200 and then an error), and refused with a 4xx in OpenAI's error format
+(`{"error": {"message", "type", "param", "code"}}`), so the official client raises
+`BadRequestError` and the like with one clear sentence: a prompt over
 `max_prompt_tokens` or over the model's length (code `context_length_exceeded`),
-max_tokens over `max_tokens`, unsupported options (n > 1, logprobs, penalties, tools).
-The `model` field is accepted and ignored (one model). temperature defaults to 1 as in
-OpenAI's API; 0 is greedy and exact.
+max_tokens over `max_tokens`, unsupported options (n > 1, logprobs, penalties, tools),
+values of the wrong JSON type (strict: "stream": "yes" is no boolean, a null content
+no message). The `model` field is accepted and ignored (one model). temperature
+defaults to 1 as in OpenAI's API; 0 is greedy and exact.
+
+Hostile input stays cheap (docs/serving.md lists every limit): `_Guard`, in front of
+FastAPI, checks the API key in constant time (on everything but /health, the API
+documentation included), admits at most `max_queue` requests in progress, and is the
+one reader of request bodies: it counts bytes as they arrive, whatever the framing
+(Content-Length or chunked), and answers 413 past `max_body_bytes` without holding
+more. A prompt is bounded by its length before it is tokenized
+(`Engine.check_prompt_size`), and tokenized off the event loop with the GIL released,
+so /health and other clients never wait for it.
 
 This module imports FastAPI and pydantic at import time; only `streamspec serve`,
 tests and embedding code import it, never `streamspec.runtime` itself.
@@ -29,6 +40,7 @@ tests and embedding code import it, never `streamspec.runtime` itself.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import queue
@@ -42,13 +54,12 @@ from typing import Any, AsyncIterator, Literal, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
 from streamspec.errors import StreamspecError
 
-from .engine import Engine, Generation
-from .sampling import SamplingParams
+from .engine import Engine, Generation, PromptTooLong
 
 log = logging.getLogger("streamspec.serve")
 
@@ -67,6 +78,20 @@ class ServerSettings:
     speculative: bool = True
     max_body_bytes: int = 1 << 20
     completion_default_tokens: int = 16  # /v1/completions without max_tokens, as OpenAI
+
+    def check(self, engine: Engine) -> int:
+        """Refuse (one sentence) settings that make no sense for `engine`; returns the
+        prompt limit in tokens (max_prompt_tokens, or what the model's length allows)."""
+        for name in ("max_tokens", "max_queue", "max_body_bytes", "completion_default_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise StreamspecError(f"The server's {name} must be a positive integer, got {value!r}.")
+        longest = engine.max_length - 1  # the answer needs at least one row
+        limit = self.max_prompt_tokens
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= longest):
+            raise StreamspecError(f"--max-prompt-tokens must be between 1 and {longest} (the model's maximum length "
+                                  f"of {engine.max_length} tokens less one for the answer), got {limit!r}.")
+        return limit or longest
 
 
 class RequestError(Exception):
@@ -89,50 +114,62 @@ class RequestError(Exception):
 
 
 # ------------------------------------------------------------------------------ request bodies
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send options we have no use for
+# Strict: JSON types are taken as they are ("stream": "yes" is no boolean, 1.0 no
+# integer), as OpenAI's API does; floats still take integers (temperature: 0).
+_STRICT = ConfigDict(extra="ignore", strict=True)  # extra: OpenAI clients send options we have no use for
+MAX_STOPS = 4  # stop sequences per request, as OpenAI allows
 
-    model: Optional[str] = None
-    max_tokens: Optional[int] = None
+
+class _StreamOptions(BaseModel):
+    model_config = _STRICT
+
+    include_usage: StrictBool = False
+
+
+class _Body(BaseModel):
+    model_config = _STRICT
+
+    model: Optional[StrictStr] = None
+    max_tokens: Optional[StrictInt] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
-    top_k: Optional[int] = None  # not OpenAI's; vLLM and llama.cpp take it too
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    stream: bool = False
-    stream_options: Optional[dict[str, Any]] = None
-    n: int = 1
-    logprobs: Union[bool, int, None] = None
+    top_k: Optional[StrictInt] = None  # not OpenAI's; vLLM and llama.cpp take it too
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    seed: Optional[StrictInt] = None
+    stream: StrictBool = False
+    stream_options: Optional[_StreamOptions] = None
+    n: StrictInt = 1
+    logprobs: Union[StrictBool, StrictInt, None] = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
 
 class _TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
-    type: str
-    text: Optional[str] = None
+    type: StrictStr
+    text: Optional[StrictStr] = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[_TextPart], None] = None
+    content: Union[StrictStr, list[_TextPart]]  # required, and never null: a null content is no message
 
 
 class ChatRequest(_Body):
     messages: list[ChatMessage]
-    max_completion_tokens: Optional[int] = None
+    max_completion_tokens: Optional[StrictInt] = None
     tools: Optional[list[Any]] = None
     response_format: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(_Body):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    echo: bool = False
-    suffix: Optional[str] = None
-    best_of: Optional[int] = None
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    echo: StrictBool = False
+    suffix: Optional[StrictStr] = None
+    best_of: Optional[StrictInt] = None
 
 
 # ------------------------------------------------------------------------------ the engine thread
@@ -207,8 +244,7 @@ class EngineWorker:
     def submit(self, job: Job) -> None:
         with self._lock:
             if self._count >= self.max_queue:
-                raise RequestError(429, f"The server is busy: {self._count} requests are queued or running "
-                                        f"(limit {self.max_queue}); retry later.", code="server_busy")
+                raise busy(self._count, self.max_queue)
             self._count += 1
         self._jobs.put(job)
 
@@ -226,11 +262,16 @@ class EngineWorker:
                 job.emit(last)
 
 
+def busy(count: int, limit: int) -> RequestError:
+    return RequestError(429, f"The server is busy: {count} requests are queued or running (limit {limit}); "
+                             "retry later.", code="server_busy")
+
+
 # ------------------------------------------------------------------------------ the app
 def create_app(engine: Engine, settings: Optional[ServerSettings] = None) -> FastAPI:
     """The FastAPI app serving `engine` (the engine is used by the app's own thread only)."""
     settings = settings or ServerSettings()
-    prompt_limit = min(settings.max_prompt_tokens or engine.max_length - 1, engine.max_length - 1)
+    prompt_limit = settings.check(engine)
     worker = EngineWorker(engine, settings.max_queue)
 
     @asynccontextmanager
@@ -290,7 +331,7 @@ def create_app(engine: Engine, settings: Optional[ServerSettings] = None) -> Fas
                     for m in body.messages]
         if not messages:
             raise RequestError(400, "messages must hold at least one message.", param="messages")
-        ids = await _tokenize(engine, messages)
+        ids = await _tokenize(engine, messages, prompt_limit, "messages")
         wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         job = _job(engine, settings, prompt_limit, body, ids, wanted, settings.max_tokens)
         return await _respond(worker, job, body, settings.model_name, "chat")
@@ -307,7 +348,7 @@ def create_app(engine: Engine, settings: Optional[ServerSettings] = None) -> Fas
             prompt = prompt[0]
         if not prompt:
             raise RequestError(400, "The prompt is empty.", param="prompt")
-        ids = await _tokenize(engine, prompt)
+        ids = await _tokenize(engine, prompt, prompt_limit, "prompt")
         job = _job(engine, settings, prompt_limit, body, ids, body.max_tokens, settings.completion_default_tokens)
         return await _respond(worker, job, body, settings.model_name, "text")
 
@@ -315,50 +356,140 @@ def create_app(engine: Engine, settings: Optional[ServerSettings] = None) -> Fas
 
 
 class _Guard:
-    """ASGI middleware: the API key (when set) and the body size, before a body is read."""
+    """ASGI middleware in front of FastAPI: the API key, the number of requests in
+    progress, and the one reader of request bodies (FastAPI then reads the copy it is
+    handed). Refusals close the connection, so an unread body costs nothing more."""
 
     def __init__(self, app: Any, settings: ServerSettings):
         self.app, self.settings = app, settings
+        self.in_progress = 0  # POST requests from their first byte to their answer's last (one event loop)
+        self._expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            error = self._check(scope)
-            if error is not None:
-                await error.response()(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = self._authorize(scope)
+        if error is None and scope["method"] == "POST":
+            if self.in_progress < self.settings.max_queue:
+                await self._admitted(scope, receive, send)
                 return
+            error = busy(self.in_progress, self.settings.max_queue)
+        if error is not None:
+            await _refuse(error, scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
-    def _check(self, scope: dict) -> Optional[RequestError]:
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        key = self.settings.api_key
-        if key and scope["path"].startswith("/v1/") and headers.get("authorization") != f"Bearer {key}":
-            return RequestError(401, "The API key is missing or wrong.", code="invalid_api_key")
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.settings.max_body_bytes:
-            return RequestError(413, f"The request body is {int(length)} bytes, more than this server's limit of "
-                                     f"{self.settings.max_body_bytes}.")
-        return None
+    def _authorize(self, scope: dict) -> Optional[RequestError]:
+        """With a key set, every path but /health needs it (/docs and /openapi.json
+        too: they describe the API to whoever asks). compare_digest takes the same time
+        however much of the key a guess gets right."""
+        if self._expected is None or scope["path"] == "/health":
+            return None
+        given = next((value for name, value in scope["headers"] if name.lower() == b"authorization"), b"")
+        if hmac.compare_digest(given, self._expected):
+            return None
+        return RequestError(401, "The API key is missing or wrong.", code="invalid_api_key")
+
+    async def _admitted(self, scope: dict, receive: Any, send: Any) -> None:
+        """Read the body (refused past the limit), then run the app on it; the request
+        counts as in progress until its answer's last byte is handed to the server."""
+        self.in_progress += 1
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.in_progress -= 1
+
+        async def send_then_release(message: dict) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()  # before the client sees the end, so that its next request is admitted
+            await send(message)
+
+        try:
+            body = await read_body(scope, receive, self.settings.max_body_bytes)
+            if isinstance(body, RequestError):
+                await _refuse(body, scope, receive, send)
+            elif body is not None:  # None: the client left
+                await self.app(scope, _replay(body, receive), send_then_release)
+        finally:
+            release()
 
 
-def _text_of(content: Union[str, list[_TextPart], None]) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if any(part.type != "text" for part in content):
-        raise RequestError(400, "Only text message content is supported.", param="messages")
-    return "".join(part.text or "" for part in content)
+async def read_body(scope: dict, receive: Any, limit: int) -> Union[bytes, RequestError, None]:
+    """The request body, counted as it arrives whatever the framing (Content-Length,
+    chunked, none): a RequestError (413) as soon as it passes `limit` bytes, having held
+    at most `limit` bytes plus one chunk; None when the client leaves first."""
+    announced = next((value for name, value in scope["headers"] if name.lower() == b"content-length"), b"")
+    if announced.isdigit() and int(announced) > limit:
+        return too_large(limit, int(announced))
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
-async def _tokenize(engine: Engine, prompt: Any) -> list[int]:
-    """Prompt ids, off the event loop (a long prompt takes a while to render and encode)."""
+def too_large(limit: int, announced: Optional[int] = None) -> RequestError:
+    size = f"is {announced} bytes" if announced is not None else "goes on"
+    return RequestError(413, f"The request body {size}, more than this server's limit of {limit} bytes.",
+                        code="request_too_large")
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that hands on the body already read, then the real events (a
+    disconnect, which a streamed answer listens for)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive_again() -> dict:
+        return pending.pop() if pending else await receive()
+
+    return receive_again
+
+
+async def _refuse(error: RequestError, scope: dict, receive: Any, send: Any) -> None:
+    """Answer with the error and close the connection (the body, if any, stays unread)."""
+    response = error.response()
+    response.headers["connection"] = "close"
+    await response(scope, receive, send)
+
+
+def _text_of(content: Union[str, list[_TextPart]]) -> str:
+    if isinstance(content, str):
+        return content
+    if any(part.type != "text" or part.text is None for part in content):
+        raise RequestError(400, "Only text message content is supported (parts of type \"text\" with a text).",
+                           param="messages")
+    return "".join(part.text for part in content)
+
+
+async def _tokenize(engine: Engine, prompt: Any, limit: int, param: str) -> list[int]:
+    """Prompt ids, off the event loop (a long prompt takes a while to render and encode;
+    the tokenizer releases the GIL for it). A prompt whose length alone shows it is over
+    `limit` tokens is refused before it is tokenized."""
     try:
-        return await asyncio.to_thread(engine.prompt_ids, prompt)
+        return await asyncio.to_thread(engine.prompt_ids, prompt, limit)
+    except PromptTooLong as error:
+        raise RequestError(400, f"{error} (this server's limit is {limit} tokens)", param=param,
+                           code="context_length_exceeded") from None
     except StreamspecError as error:
-        raise RequestError(400, str(error), param="prompt") from None
+        raise RequestError(400, str(error), param=param) from None
 
 
 def _job(engine: Engine, settings: ServerSettings, prompt_limit: int, body: _Body, ids: list[int],
          wanted: Optional[int], default_tokens: int) -> Job:
-    """Check the request against the limits (one sentence each) and make its job."""
+    """Check the request against the limits (one sentence each) and make its job. Every
+    check happens here, before the job is queued: a streamed answer never starts (200)
+    for a request that the engine would then refuse."""
     if body.n != 1:
         raise RequestError(400, "n must be 1: one completion per request.", param="n")
     if body.logprobs:
@@ -386,13 +517,15 @@ def _job(engine: Engine, settings: ServerSettings, prompt_limit: int, body: _Bod
                            code="context_length_exceeded")
     else:
         max_tokens = wanted
-    params = SamplingParams(1.0 if body.temperature is None else float(body.temperature),
-                            1.0 if body.top_p is None else float(body.top_p), body.top_k or 0, body.seed)
-    try:
-        params.validate()
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOPS:
+        raise RequestError(400, f"stop holds {len(stop)} sequences; at most {MAX_STOPS} are allowed.", param="stop")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    try:  # the engine's own checks of these options, so that the two never disagree
+        params, stop = engine.check_options(len(ids), max_tokens, temperature, top_p, body.top_k or 0, body.seed, stop)
     except StreamspecError as error:
         raise RequestError(400, str(error)) from None
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     options = dict(max_new_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
                    top_k=params.top_k, seed=params.seed, stop=stop, speculative=settings.speculative)
     return Job(ids, options, asyncio.get_running_loop())
@@ -404,7 +537,7 @@ async def _respond(worker: EngineWorker, job: Job, body: _Body, model: str, kind
     ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     reply = _Reply(ident, int(time.time()), model, kind)
     if body.stream:
-        usage = bool((body.stream_options or {}).get("include_usage"))
+        usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(reply.events(job, usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     async for event, value in job.stream():

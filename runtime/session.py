@@ -28,6 +28,7 @@ layers for the kept ones, so compaction takes a path per group (host compaction 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Sequence
@@ -98,6 +99,20 @@ class CacheContents:
         """[rows] int64: the cache row where each held token's keys and values are now."""
         moved = self.rows - len(self.pending)
         return np.concatenate([np.arange(moved, dtype=np.int64), self.pending.astype(np.int64)])
+
+
+def check_threads(threads: Any) -> None:
+    """None (ONNX Runtime's choice) or 1 to this machine's CPU cores: 0 and negative
+    counts are no thread count, and far more threads than cores only slow every step
+    down (100000 took minutes to start)."""
+    cores = os.cpu_count() or 1
+    if threads is not None and (not _is_integer(threads) or not 1 <= threads <= cores):
+        raise StreamspecError(f"threads must be between 1 and the {cores} CPU cores of this machine, "
+                              f"got {threads!r}.")
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def resolve_provider(provider: str) -> str:
@@ -193,11 +208,15 @@ class StepSession:
         self.config = config
         self.last_timing = RunTiming(0.0, 0.0, 0.0)
         self.device = resolve_provider(provider)
-        self.max_length = int(max_length or config.max_length)
-        if not 16 <= self.max_length <= config.max_length:
+        # None is the exported maximum; 0 is refused like any other value out of range
+        # (it used to mean the default silently).
+        self.max_length = config.max_length if max_length is None else max_length
+        if not _is_integer(self.max_length) or not 16 <= self.max_length <= config.max_length:
             raise StreamspecError(
                 f"max_length must be between 16 and the exported maximum of {config.max_length}, "
-                f"got {self.max_length}.")
+                f"got {self.max_length!r}.")
+        self.max_length = int(self.max_length)
+        check_threads(threads)
         if compaction not in ("auto", "host", "graph"):
             raise StreamspecError(f"compaction must be auto, host or graph, got {compaction!r}.")
         if compaction == "host" and self.device != "cpu":
@@ -230,7 +249,7 @@ class StepSession:
         if profile:
             options.enable_profiling = True
             options.profile_file_prefix = str(profile)
-        if threads:
+        if threads is not None:
             options.intra_op_num_threads = int(threads)
         if self.split:
             # Two sessions, two thread pools: a pool that spins after its run steals the
@@ -248,10 +267,31 @@ class StepSession:
                 raise StreamspecError(f"The custom attention op is unavailable: {error}.") from None
         path = self.config.folder / entry["file"]
         try:
-            return ort.InferenceSession(str(path), options, providers=providers)
+            session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # onnxruntime raises several unrelated types
             first = first_line(error, 200)
             raise StreamspecError(f"onnxruntime could not load {path} ({first}); export the model again.") from None
+        self._check_graph(session, entry, path)
+        return session
+
+    def _check_graph(self, session: ort.InferenceSession, entry: dict[str, Any], path: Any) -> None:
+        """The graph must be the one streamspec.json describes: the same cache inputs and
+        outputs, of the cache's head shape. A hand-edited layer or head count (or another
+        model.onnx) would otherwise fail deep in onnxruntime, or quietly misbehave."""
+        inputs = {value.name: value.shape for value in session.get_inputs()}
+        outputs = {value.name for value in session.get_outputs()}
+        caches = {name for name in inputs if name.startswith(("key_cache.", "value_cache."))}
+        if caches != set(entry["cache_inputs"]) or not set(entry["cache_outputs"]) <= outputs:
+            raise StreamspecError(f"{path} holds the caches of {len(caches) // 2} layers, but streamspec.json "
+                                  f"describes {len(entry['cache_inputs']) // 2}; export the model again.")
+        _, heads, _, width = self.cache[0].shape()
+        for name in entry["cache_inputs"]:
+            dims = inputs[name]
+            fixed = ((dims[1], heads), (dims[3], width)) if len(dims) == 4 else ((None, 0),)
+            if len(dims) != 4 or any(isinstance(d, int) and d != want for d, want in fixed):
+                raise StreamspecError(f"{path} has caches of shape {dims}, but streamspec.json gives {heads} KV "
+                                      f"heads of {width} values (model.num_kv_heads, model.head_dim); export the "
+                                      "model again.")
 
     def _allocate_cache(self) -> None:
         cfg = self.config

@@ -3,12 +3,18 @@
 `tokenizers` reads tokenizer.json; the chat template is rendered with jinja2 the way
 transformers renders it (sandboxed, trim_blocks, lstrip_blocks, `raise_exception`,
 `tojson`), then encoded without adding special tokens again.
+
+Text is checked before it reaches the tokenizer: a lone surrogate (what a client's
+"\\ud800" or a non-UTF-8 command-line argument becomes in Python) is one sentence, not
+a TypeError from deep inside `tokenizers`. A long text is encoded with the GIL released,
+so that a server's other threads (its event loop, /health) keep running meanwhile.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import cached_property
 from typing import Any, Optional, Sequence
 
 from streamspec.errors import StreamspecError
@@ -31,7 +37,20 @@ class Tokenizer:
         self._template = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        check_text(text)
+        if len(text) < LONG_TEXT:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # `encode` holds the GIL for its whole run (seconds for a long prompt), which
+        # freezes every other thread; `encode_batch` gives the same ids and releases it.
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @cached_property
+    def longest_token(self) -> int:
+        """The most characters one token covers (the longest vocabulary entry, added
+        tokens included). Byte-level BPE and SentencePiece tokenizers, those of every
+        supported family, put each character of a text into some token, so a text of n
+        characters has at least n / longest_token tokens: a bound that costs nothing."""
+        return max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -54,6 +73,23 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+
+LONG_TEXT = 4096  # characters from which `Tokenizer.encode` releases the GIL
+
+
+def check_text(text: str) -> None:
+    """One sentence for text that is not valid Unicode (a lone surrogate), which no
+    tokenizer can encode."""
+    if not isinstance(text, str):
+        raise StreamspecError(f"Text must be a string, got {type(text).__name__}.")
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise StreamspecError(f"The text is not valid Unicode: it holds a lone surrogate "
+                              f"(U+{ord(text[error.start]):04X}) at character {error.start}.") from None
 
 
 def _compile(source: str):

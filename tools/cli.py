@@ -8,9 +8,14 @@ Modules import their heavy dependencies (torch, transformers) inside `run`, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import re
+import signal
 import sys
-from typing import Optional, Sequence
+import threading
+from typing import Iterator, Optional, Sequence
 
 from streamspec import __version__
 from streamspec.errors import StreamspecError
@@ -31,8 +36,29 @@ COMMANDS = {
 }
 
 
+class UsageError(StreamspecError):
+    """A command line that argparse refuses (unknown option, a value out of range)."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one sentence and exit code 1 (as every other bad
+    input), not argparse's usage block and exit code 2. Sub-command parsers inherit it."""
+
+    def error(self, message: str):
+        # "argument --port: must be between 1 and 65535, got 0" -> "--port must be ...":
+        # the checked types (commands/arguments.py) word their messages for this.
+        match = re.fullmatch(r"argument ([^:/ ]+)(?:/\S+)?: (must|is|cannot) (.*)", message, re.S)
+        if match:
+            message = f"{match[1]} {match[2]} {match[3]}"
+        raise UsageError(self.prog, f"{message.rstrip('.')}; see `{self.prog} --help`.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="streamspec",
         description="Speculative Streaming for edge devices: train streams into a model, "
                     "export it to ONNX, generate fast with ONNX Runtime.",
@@ -50,18 +76,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
     try:
-        return int(args.run(args) or 0)
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        print(f"{error.prog}: {error}", file=sys.stderr)
+        return 1
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 1
+    try:
+        with _exit_on_sigterm():
+            return int(args.run(args) or 0)
     except StreamspecError as error:
         print(f"streamspec {args.command}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"streamspec {args.command}: interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 1
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM (systemd, `kill`) exits through Python's cleanup, like Ctrl-C: an
+    interrupted export then removes its temporary folder. By default SIGTERM ends the
+    process on the spot, cleanup skipped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout left (`streamspec generate ... | head -c1`): not an error worth
+    a traceback. Point stdout at /dev/null so that the interpreter's last flush at exit
+    does not raise again (what the Python documentation advises for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no real file (tests capture it)
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

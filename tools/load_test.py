@@ -29,10 +29,10 @@ import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from streamspec.errors import StreamspecError
+from streamspec.files import write_text
 
 TOPICS = ("owls", "rivers", "prime numbers", "bread", "tides", "chess", "volcanoes", "bees")
 
@@ -256,7 +256,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     print_report(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_text(args.json, json.dumps(report, indent=2) + "\n")  # atomic: a crash leaves the old file
     return 0 if report["passed"] else 1
 
 

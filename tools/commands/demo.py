@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from streamspec.tools.commands.arguments import integer, text, threads
+
 HELP = ("The main job: build the default model (embedded SmolLM2-135M-Instruct + committed streams), "
         "export it, stream a generation and compare it with autoregressive decoding.")
 
@@ -21,13 +23,14 @@ DEFAULT_PROMPT = ("Explain what this Python function does.\n\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="the most tokens to generate")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, type=text, help="the user message")
+    parser.add_argument("--max-new-tokens", type=integer(1), default=96, help="the most tokens to generate")
     parser.add_argument("--out", default=None,
                         help="where to export (default: a folder in the streamspec cache, reused)")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=integer(1), default=3,
                         help="timed runs of each mode, alternating speculative / autoregressive; medians")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=threads, default=None,
+                        help="ONNX Runtime intra-op threads (1 to this machine's CPU cores)")
 
 
 def run(args: argparse.Namespace) -> int:

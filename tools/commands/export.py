@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from streamspec.tools.commands.arguments import integer
+
 HELP = ("Export a streamspec checkpoint (or a plain base model, for autoregressive use) to a folder "
         "that `streamspec generate` and streamspec.runtime.Engine run on ONNX Runtime.")
 
@@ -21,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight-only quantization of the MatMuls (ONNX Runtime's MatMulNBits; int4 also "
                              "quantizes the embedding); greedy output then differs from fp32, see "
                              "docs/precision.md")
-    parser.add_argument("--block-size", type=int, default=32,
+    parser.add_argument("--block-size", type=integer(16, 1 << 16), default=32,
                         help="with --quantize: weights per quantization block along the input dimension "
                              "(a power of two >= 16; smaller is more accurate and a little larger)")
     parser.add_argument("--no-quantize-head", action="store_true",
@@ -34,15 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store the KV cache as int8 or int4 with per-channel scales calibrated on the model "
                              "(ONNX Runtime's GroupQueryAttention; portable backend only): 4x / 8x less cache "
                              "memory than fp32, at a cost in agreement with fp32, see docs/precision.md")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--max-length", type=integer(16), default=None,
                         help="the longest prompt + answer the runtime may hold in its KV cache "
                              "(default: the model's positions, at most 2048)")
-    parser.add_argument("--candidates", type=int, default=8,
+    parser.add_argument("--candidates", type=integer(1, 1 << 16), default=8,
                         help="K: top-K ids and probabilities per node that leave the graph")
-    parser.add_argument("--budget", type=int, default=None,
+    parser.add_argument("--budget", type=integer(0, 4096), default=None,
                         help="default number of draft nodes per tree for the runtime (default: the checkpoint's "
                              "measured choice, else 8; `streamspec tune` re-measures it on the device)")
-    parser.add_argument("--streams", type=int, default=None,
+    parser.add_argument("--streams", type=integer(1), default=None,
                         help="deploy only the first N trained streams (shallower trees, fewer rows per node; "
                              "default: all)")
     parser.add_argument("--attention", "--backend", dest="backend", choices=("portable", "custom"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from streamspec.errors import StreamspecError
+from streamspec.tools.commands.arguments import integer, real, seed, text
 from streamspec.tools.commands.engine_options import add_engine_arguments, engine_from_args
 
 HELP = "Generate text with an exported folder on ONNX Runtime, streaming it as it is committed."
@@ -12,16 +14,17 @@ HELP = "Generate text with an exported folder on ONNX Runtime, streaming it as i
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="DIR", help="a folder written by `streamspec export`")
-    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--prompt", required=True, type=text, help="the prompt text")
     parser.add_argument("--chat", action="store_true",
                         help="send the prompt as a user message through the model's chat template")
-    parser.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens to generate")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples exactly")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 keeps all)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the K most probable (0 keeps all)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
+    parser.add_argument("--system", default=None, type=text, help="with --chat: a system message before the prompt")
+    parser.add_argument("--max-new-tokens", type=integer(1), default=128, help="the most tokens to generate")
+    parser.add_argument("--temperature", type=real(0), default=0.0, help="0 is greedy; above 0 samples exactly")
+    parser.add_argument("--top-p", type=real(0, 1, low_open=True), default=1.0,
+                        help="nucleus sampling mass (1 keeps all)")
+    parser.add_argument("--top-k", type=integer(0), default=0, help="sample among the K most probable (0 keeps all)")
+    parser.add_argument("--seed", type=seed, default=None, help="random seed for sampling (0 to 2**64 - 1)")
+    parser.add_argument("--stop", action="append", type=text, default=[], help="stop before this text (repeatable)")
     parser.add_argument("--ar", action="store_true",
                         help="autoregressive: one token per forward pass, no draft tree (for comparison)")
     add_engine_arguments(parser)
@@ -30,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    if args.system is not None and not args.chat:  # it would be silently ignored
+        raise StreamspecError("--system needs --chat: a system message exists only in a chat.")
     engine = engine_from_args(args)
     prompt = args.prompt
     if args.chat:

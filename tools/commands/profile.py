@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from streamspec.tools.commands.arguments import integer, output_file, real, text, threads
+
 HELP = ("Profile an exported folder on this device: a live view while it generates, then the time split, "
         "acceptance, step-latency curve, roofline and (with --compare-ar) the measured speed-up.")
 
@@ -14,26 +16,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompts", metavar="FILE", default=None,
                         help="prompts file: JSONL (.jsonl; per line {\"messages\": [...]} or {\"prompt\": ...}) or "
                              "plain text, one prompt per line (default: two built-in prompts)")
-    source.add_argument("--prompt", metavar="TEXT", default=None, help="profile this one prompt")
+    source.add_argument("--prompt", metavar="TEXT", default=None, type=text, help="profile this one prompt")
     parser.add_argument("--chat", action="store_true",
                         help="send text prompts as a user message through the model's chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    parser.add_argument("--max-new-tokens", type=integer(1), default=64, help="tokens to generate per prompt")
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                         help="ONNX Runtime execution provider; auto picks CUDA when available")
     parser.add_argument("--compare-ar", action="store_true",
                         help="also run every prompt autoregressively, side by side, and report the speed-up")
-    parser.add_argument("--json", metavar="OUT", default=None,
+    parser.add_argument("--json", metavar="OUT", default=None, type=output_file,
                         help="write every figure to this JSON file (`streamspec report OUT` shows it again)")
-    parser.add_argument("--prune", type=float, default=None, metavar="THRESHOLD",
+    parser.add_argument("--prune", type=real(0, 1, high_open=True), default=None, metavar="THRESHOLD",
                         help="tree-pruning threshold, 0 for none (default: the folder's; needs --pruning at export)")
-    parser.add_argument("--budget", type=int, default=None,
+    parser.add_argument("--budget", type=integer(0, 4096), default=None,
                         help="draft nodes per tree (default: the folder's streamspec.json)")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--threads", type=threads, default=None,
+                        help="ONNX Runtime intra-op threads (1 to this machine's CPU cores)")
+    parser.add_argument("--max-length", type=integer(16), default=None,
                         help="KV cache rows to allocate (default: the exported maximum)")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="generate exactly --max-new-tokens per prompt, past any end-of-sequence token")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=integer(1), default=3,
                         help="timed runs per tree size for the step-latency curve (median reported)")
     parser.add_argument("--no-ort-profile", action="store_true",
                         help="skip ONNX Runtime's profiler (its short extra run and the operator table)")
@@ -43,13 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from streamspec.errors import StreamspecError
     from streamspec.tools.profiler import report as reports
     from streamspec.tools.profiler.collect import ProfileSettings, as_chat, load_prompts, run_profile
     from streamspec.tools.profiler.live import LiveView
 
-    if args.max_new_tokens < 1 or args.repeats < 1:
-        raise StreamspecError("--max-new-tokens and --repeats must be positive.")
     settings = ProfileSettings(args.folder, provider=args.provider, max_new_tokens=args.max_new_tokens,
                                compare_ar=args.compare_ar, budget=args.budget, prune=args.prune, threads=args.threads,
                                max_length=args.max_length, ignore_eos=args.ignore_eos,

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from streamspec.errors import StreamspecError
+from streamspec.tools.commands.arguments import integer, text
 from streamspec.tools.commands.engine_options import add_engine_arguments, engine_from_args
 
 HELP = ("Serve an exported folder over HTTP with the OpenAI API (/v1/chat/completions, /v1/completions, "
@@ -28,16 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; the loopback default keeps the server local "
                              "(0.0.0.0 opens it to the network)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
-    parser.add_argument("--model-name", default=None,
+    parser.add_argument("--port", type=integer(1, 65535), default=8000, help="TCP port to listen on")
+    parser.add_argument("--model-name", default=None, type=text,
                         help="the model id that /v1/models reports (default: the folder's name)")
-    parser.add_argument("--max-tokens", type=int, default=512,
+    parser.add_argument("--max-tokens", type=integer(1), default=512,
                         help="the most new tokens one request may ask for (also the chat default)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=None,
-                        help="the longest prompt accepted, in tokens (default: what the model's length allows)")
-    parser.add_argument("--max-queue", type=int, default=64,
+    parser.add_argument("--max-prompt-tokens", type=integer(1), default=None,
+                        help="the longest prompt accepted, in tokens, below the model's length (default: what the "
+                             "model's length allows)")
+    parser.add_argument("--max-queue", type=integer(1, 100000), default=64,
                         help="requests waiting or running at once; more are refused with HTTP 429")
-    parser.add_argument("--api-key", default=None,
+    parser.add_argument("--api-key", default=None, type=text,
                         help="require `Authorization: Bearer KEY` on /v1/ (advised with a non-loopback --host); "
                              "the environment variable STREAMSPEC_API_KEY does the same and keeps the key out of "
                              "the process list")
@@ -51,11 +53,6 @@ def run(args: argparse.Namespace) -> int:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
         raise StreamspecError(f"streamspec serve needs {' and '.join(missing)}: pip install 'streamspec[serve]'.")
-    for name in ("max_tokens", "max_queue"):
-        if getattr(args, name) < 1:
-            raise StreamspecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
-        raise StreamspecError(f"--max-prompt-tokens must be at least 1, got {args.max_prompt_tokens}.")
     check_port(args.host, args.port)  # before the model loads, so the mistake shows at once
     api_key = args.api_key or os.environ.get("STREAMSPEC_API_KEY") or None
 
@@ -69,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(model_name=args.model_name or Path(args.folder).resolve().name,
                               max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                               max_queue=args.max_queue, api_key=api_key, speculative=not args.ar)
+    settings.check(engine)  # e.g. --max-prompt-tokens beyond the model's length: one sentence, exit 1
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     mode = "speculative" if settings.speculative and engine.can_speculate else "autoregressive"
     print(f"streamspec serve: {settings.model_name} ({mode}, {engine.session.device}, max length "

@@ -38,7 +38,6 @@ The JSON (format "streamspec-profile", version 1); times in seconds unless named
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -49,7 +48,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from streamspec.errors import read_json_file
+from streamspec.errors import StreamspecError, read_json_file
+from streamspec.files import write_json
 
 from .charts import bar
 
@@ -73,9 +73,13 @@ PHASE_LABELS = {
 
 # ------------------------------------------------------------------ files
 def save(report: dict[str, Any], path: Union[str, Path]) -> Path:
+    """Write the report atomically (a failed write leaves the file it replaces intact)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_plain(report), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, _plain(report), indent=1)
+    except OSError as error:
+        raise StreamspecError(f"The report cannot be written to {path} ({error.strerror or error}).") from None
     return path
 
 
