@@ -325,8 +325,9 @@ class Transformer(nn.Module):
         return self.head(hidden + F.linear(F.linear(hidden, self.exit_A), self.exit_B), vocab)
 
     def stream_upper(self, hidden: torch.Tensor, positions: torch.Tensor,
-                     attention: AttentionBackend) -> torch.Tensor:
-        """Stream rows alone through the MSA layers (lossless training): -> [B, N, γ, V].
+                     attention: AttentionBackend, vocab: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Stream rows alone through the MSA layers (lossless training): -> [B, N, γ, V]
+        (or [B, N, γ, V'] over the token ids `vocab`, see `head`).
 
         hidden: [B, N, D] main rows at the insertion layer, positions [B, N]. The main
         rows are not computed: in lossless mode they are the frozen base model, so the
@@ -340,7 +341,7 @@ class Transformer(nn.Module):
         rope = self.rope(positions.repeat_interleave(g, dim=1))
         for i in range(self.msa_start, self.config.num_layers):
             x = self.layers[i](x, rope, attention, i, 0)  # every row is a stream row
-        return self.head(x).reshape(b, n, g, -1)
+        return self.head(x, vocab).reshape(b, n, g, -1)
 
 
 # --------------------------------------------------------------------------------------

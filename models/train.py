@@ -69,6 +69,7 @@ class TrainConfig:
     lora_rank: int = 32
     lora_alpha: float = 32.0
     exit_rank: int = 8
+    draft_vocab: int = 0  # >0: stream rows and the exit head score only the N most frequent answer tokens
     steps: int = 1000
     batch: int = 4  # windows per step and process
     window: int = 64  # trained positions per window
@@ -94,7 +95,7 @@ class TrainConfig:
 
     # What a resumed run must share with the run it resumes. `steps` may grow (the
     # learning-rate schedule then stretches from the resumed step on).
-    IDENTITY = ("mode", "streams", "msa_layers", "lora_rank", "lora_alpha", "exit_rank", "batch", "window", "lr", "warmup", "weight_decay", "clip", "main_weight",
+    IDENTITY = ("mode", "streams", "msa_layers", "lora_rank", "lora_alpha", "exit_rank", "draft_vocab", "batch", "window", "lr", "warmup", "weight_decay", "clip", "main_weight",
                 "stream_weight", "exit_weight", "max_length", "seed")
 
     def stream_config(self) -> StreamConfig:
@@ -108,6 +109,7 @@ class TrainConfig:
                   (self.lr > 0, "--lr must be positive"),
                   (self.eval_every >= 1 and self.save_every >= 1, "--eval-every and --save-every must be at least 1"),
                   (self.eval_records >= 1, "--eval-records must be at least 1"),
+                  (self.draft_vocab >= 0, "--draft-vocab must not be negative"),
                   (all(b >= 0 for b in self.budgets), "--budgets must be non-negative"),
                   (self.path in ("auto", "cached", "plain"), "--path must be auto, cached or plain"),
                   (not (self.path == "cached" and self.mode == "shared"),
@@ -180,6 +182,18 @@ def sequence_states(model: Transformer, record: Record, with_main: bool, device)
 # ------------------------------------------------------------------------------------
 # The objective.
 
+IGNORE = -100  # cross-entropy's ignore_index: a target no stream can draft
+
+
+def draft_columns(model: Transformer) -> Optional[torch.Tensor]:
+    """[V] column of each token id in the stream logits over model.draft_vocab, IGNORE for
+    tokens outside it; None when the streams score the whole vocabulary."""
+    if model.draft_vocab is None:
+        return None
+    index = torch.full((model.config.vocab_size,), IGNORE, dtype=torch.long, device=model.draft_vocab.device)
+    index[model.draft_vocab] = torch.arange(len(model.draft_vocab), device=model.draft_vocab.device)
+    return index
+
 
 class StreamObjective(nn.Module):
     """Loss of a batch of windows; a module so that DistributedDataParallel can wrap it."""
@@ -191,6 +205,15 @@ class StreamObjective(nn.Module):
         self.cached = cached
         self._states: OrderedDict[int, SequenceStates] = OrderedDict()
         self._cache_records = cache_records
+        # With a drafting vocabulary [V'] (model.draft_vocab), stream rows and the exit head
+        # are trained as they are deployed: a softmax over V' only (a sixth of SmolLM2's
+        # head to compute). vocab_index maps a token id to its column, -100 (ignored by
+        # the loss) for tokens outside V', which a stream can never draft anyway.
+        self.vocab_index = draft_columns(model)
+
+    def columns(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> columns of the stream logits (IGNORE outside the drafting vocabulary)."""
+        return tokens if self.vocab_index is None else self.vocab_index[tokens]
 
     def states(self, record: Record) -> SequenceStates:
         # Windows of a record come one after another (data.window_stream), so a small
@@ -205,24 +228,28 @@ class StreamObjective(nn.Module):
         return self._states[record.index]
 
     def _window_logits(self, window: Window, states: SequenceStates):
-        """(main [W, V] or None, streams [W, γ, V], exit [W, V], main log-probs target [W, V])."""
+        """(main [W, V] or None, streams [W, γ, V'], exit [W, V'], main log-probs [W, V]),
+        V' the drafting vocabulary (V without one)."""
         model, s, e = self.model, window.start, window.end
-        g = model.num_streams
+        g, vocab = model.num_streams, model.draft_vocab
         device = states.hidden.device
         if self.cached:
             keys = {layer: k[:, :, :e] for layer, k in states.main_keys.items()}
             values = {layer: v[:, :, :e] for layer, v in states.main_values.items()}
             visible = causal_tree_mask(e, device=device)[:, s:e]
             attention = MainKVAttention(keys, values, visible, g)
-            streams = model.stream_upper(states.hidden[:, s:e], states.positions[:, s:e], attention)[0]
+            streams = model.stream_upper(states.hidden[:, s:e], states.positions[:, s:e], attention, vocab)[0]
             first = window.record.first_position
             target = states.answer_logprobs[0, s - first:e - first]
-            return None, streams, model.exit_head(states.hidden[:, s:e])[0], target
+            return None, streams, model.exit_head(states.hidden[:, s:e], vocab)[0], target
         out = model.upper(states.hidden[:, :e], states.positions[:, :e],
                           EagerAttention(causal_tree_mask(e, device=device), g))
         main = out.main_logits[0, s:e]
         target = F.log_softmax(main.detach().float(), dim=-1)
-        return main, out.stream_logits[0, s:e], out.exit_logits[0, s:e], target
+        streams, exit_logits = out.stream_logits[0, s:e], out.exit_logits[0, s:e]
+        if vocab is not None:
+            streams, exit_logits = streams[..., vocab], exit_logits[..., vocab]
+        return main, streams, exit_logits, target
 
     def forward(self, windows: list[Window]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the loss and detached sums: stream_loss/stream_correct/stream_count [γ], main_*, exit_*."""
@@ -238,20 +265,24 @@ class StreamObjective(nn.Module):
             tokens = states.tokens[0]
             s, e = window.start, window.end
             for j in range(1, g + 1):
-                targets = tokens[s + 1 + j:e + 1 + j]  # shorter near the sequence end
+                targets = self.columns(tokens[s + 1 + j:e + 1 + j])  # shorter near the sequence end
                 if len(targets) == 0:
                     continue
                 logits = streams[:len(targets), j - 1]
-                stream_loss[j - 1] = stream_loss[j - 1] + F.cross_entropy(logits.float(), targets, reduction="sum")
+                stream_loss[j - 1] = stream_loss[j - 1] + F.cross_entropy(logits.float(), targets, reduction="sum",
+                                                                          ignore_index=IGNORE)
                 stream_correct[j - 1] += (logits.argmax(-1) == targets).sum()
-                stream_count[j - 1] += len(targets)
+                stream_count[j - 1] += (targets != IGNORE).sum()
             targets = tokens[s + 1:e + 1]
             main_logprobs = target if main is None else F.log_softmax(main.float(), dim=-1)
             main_loss = main_loss + F.nll_loss(main_logprobs, targets, reduction="sum")
             main_correct = main_correct + (main_logprobs.argmax(-1) == targets).sum()
+            # The exit head learns the main stream's distribution over the columns it scores.
+            exit_target = target if self.model.draft_vocab is None else \
+                (lambda t: t - t.logsumexp(-1, keepdim=True))(target[:, self.model.draft_vocab])
             exit_logprobs = F.log_softmax(exit_logits.float(), dim=-1)
-            exit_loss = exit_loss + F.kl_div(exit_logprobs, target, log_target=True, reduction="sum")
-            exit_agree = exit_agree + (exit_logprobs.argmax(-1) == target.argmax(-1)).sum()
+            exit_loss = exit_loss + F.kl_div(exit_logprobs, exit_target, log_target=True, reduction="sum")
+            exit_agree = exit_agree + (exit_logprobs.argmax(-1) == exit_target.argmax(-1)).sum()
             rows = rows + (e - s)
         stream_loss = torch.stack(stream_loss)
         stream_mean = stream_loss / stream_count.clamp(min=1)
@@ -304,9 +335,12 @@ def evaluate(model: Transformer, records: list[Record], budgets, config: TrainCo
     the main stream drifts from the data, so it is an estimate there.
     """
     model.eval()
-    g = model.num_streams
+    g, vocab = model.num_streams, model.draft_vocab
     device = model.embed.weight.device
-    stream_loss, stream_correct, stream_count = np.zeros(g), np.zeros(g), np.zeros(g)
+    columns = draft_columns(model)
+    # stream_valid: targets inside the drafting vocabulary (the loss's rows); a target
+    # outside it counts as a miss in the accuracy, as no stream can draft it.
+    stream_loss, stream_correct, stream_count, stream_valid = np.zeros(g), np.zeros(g), np.zeros(g), np.zeros(g)
     main_loss = main_correct = exit_agree = rows = 0.0
     step_tokens, steps = 0, {b: 0 for b in budgets}
     top_k = max(1, min(max(budgets, default=1), model.config.vocab_size))
@@ -319,22 +353,30 @@ def evaluate(model: Transformer, records: list[Record], budgets, config: TrainCo
         main = out.main_logits[0, first:length - 1].float()
         main_loss += F.cross_entropy(main, targets, reduction="sum").item()
         main_correct += (main.argmax(-1) == targets).sum().item()
-        exit_agree += (out.exit_logits[0, first:length - 1].argmax(-1) == main.argmax(-1)).sum().item()
-        rows += len(targets)
+        exit_logits = out.exit_logits[0, first:length - 1]
         streams = out.stream_logits[0, first:length - 1].float()  # [A, γ, V]
+        if vocab is not None:  # score what deployment scores: [A, V'], [A, γ, V']
+            exit_logits, streams = exit_logits[..., vocab], streams[..., vocab]
+        exit_ids = exit_logits.argmax(-1) if vocab is None else vocab[exit_logits.argmax(-1)]
+        exit_agree += (exit_ids == main.argmax(-1)).sum().item()
+        rows += len(targets)
         for j in range(1, g + 1):
             stream_targets = tokens[0, first + 1 + j:]
+            if columns is not None:
+                stream_targets = columns[stream_targets]
             logits = streams[:len(stream_targets), j - 1]
-            stream_loss[j - 1] += F.cross_entropy(logits, stream_targets, reduction="sum").item()
+            stream_loss[j - 1] += F.cross_entropy(logits, stream_targets, reduction="sum", ignore_index=IGNORE).item()
             stream_correct[j - 1] += (logits.argmax(-1) == stream_targets).sum().item()
             stream_count[j - 1] += len(stream_targets)
-        top = torch.softmax(streams, dim=-1).topk(top_k, dim=-1)
-        ids, probs = top.indices.cpu().numpy(), top.values.cpu().numpy()
+            stream_valid[j - 1] += (stream_targets != IGNORE).sum().item()
+        top = torch.softmax(streams, dim=-1).topk(min(top_k, streams.shape[-1]), dim=-1)
+        top_ids = top.indices if vocab is None else vocab[top.indices]
+        ids, probs = top_ids.cpu().numpy(), top.values.cpu().numpy()
         sequence = tokens[0].cpu().numpy()
         step_tokens += length - 1 - first - 1  # the prefill yields the first answer token
         for budget in budgets:
             steps[budget] += greedy_walk(sequence, first, ids, probs, budget)
-    stream_mean = stream_loss / np.maximum(stream_count, 1)
+    stream_mean = stream_loss / np.maximum(stream_valid, 1)
     loss = config.stream_weight * float(stream_mean.sum())
     if model.streams.mode == "shared":
         loss += config.main_weight * main_loss / max(rows, 1)
@@ -535,6 +577,14 @@ def _train(config: TrainConfig, dist: _Distributed, console, progress: bool) -> 
     model.to(device)
     train_records, heldout, skipped = split_records(read_records(config.data, model.config.vocab_size, base_sha),
                                                     config.max_length)
+    vocab_coverage = None
+    if config.draft_vocab:
+        from .vocab import choose_draft_vocab, coverage
+
+        ids, train_share = choose_draft_vocab([r.answer_ids for r in train_records], model.config.vocab_size,
+                                              config.draft_vocab, model.config.eos_token_ids)
+        model.draft_vocab = ids.to(device)
+        vocab_coverage = (train_share, coverage(ids, [r.answer_ids for r in heldout]))
     heldout_groups = heldout_by_domain(heldout, config.eval_records)
     heldout = [r for group in heldout_groups.values() for r in group]
     identity = {**{k: getattr(config, k) for k in TrainConfig.IDENTITY},
@@ -580,14 +630,21 @@ def _train(config: TrainConfig, dist: _Distributed, console, progress: bool) -> 
                      "heldout_domains": {d: len(g) for d, g in heldout_groups.items()},
                      "skipped_records": skipped, "path": "cached" if cached else "plain"}
 
+    def save_model(folder: Path, meta: dict, heldout_metrics: dict) -> None:
+        save_checkpoint(folder, model, base_folder, base_sha, config.base, meta, heldout_metrics)
+        if vocab_coverage is not None:  # the vocabulary the streams were trained to score
+            from .vocab import save_draft_vocab
+
+            save_draft_vocab(folder, model.draft_vocab.cpu(), *vocab_coverage)
+
     def save(step: int, metrics: Optional[dict], best: bool) -> None:
         meta = {**training_meta, "step": step}
         heldout_metrics = {"step": step, "heldout": metrics} if metrics else {}
         if best:
-            save_checkpoint(out, model, base_folder, base_sha, config.base, meta, heldout_metrics)
+            save_model(out, meta, heldout_metrics)
         tmp = out / f".{LAST_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_checkpoint(tmp, model, base_folder, base_sha, config.base, meta, heldout_metrics)
+        save_model(tmp, meta, heldout_metrics)
         save_optimizer(tmp, optimizer, names)
         write_json(tmp / STATE_FILE, {**state, "step": step, "identity": identity})
         _swap_in(tmp, out / LAST_DIR)

@@ -167,6 +167,35 @@ def test_evaluation_reports_each_domain_and_their_mean(tiny_llama_dir, tmp_path)
     assert meta["training"]["heldout_domains"] == {"cycle": 3, "noise": 3}
 
 
+def test_training_over_a_drafting_vocabulary(tiny_llama_dir, data, tmp_path):
+    """--draft-vocab N: stream rows and the exit head learn a softmax over the N most
+    frequent answer tokens (as deployed); the checkpoint stores that vocabulary, and
+    exporting it loads the same ids."""
+    from streamspec.models.checkpoint import load_checkpoint
+    from streamspec.models.train import StreamObjective, draft_columns
+
+    result = train(tiny_config(tiny_llama_dir, data, tmp_path / "run", steps=40, eval_every=40, draft_vocab=6),
+                   progress=False, echo=False)
+    first, last = result.history[0], result.history[-1]
+    vocab = result.model.draft_vocab
+    assert len(vocab) == 7 and 2 in vocab.tolist()  # 6 most frequent answer tokens + the EOS id
+    assert set(vocab.tolist()) - {2} < set(CYCLE)  # 2 of the 8 cycle tokens are left out
+    assert last["tokens_per_pass"]["4"] > first["tokens_per_pass"]["4"] + 0.2
+    assert all(0 < a < 0.9 for a in last["stream_accuracy"])  # out-of-vocabulary targets count as misses
+    columns = draft_columns(result.model)
+    assert columns[vocab].tolist() == list(range(7)) and (columns >= 0).sum() == 7
+    meta = json.loads((result.out / "streamspec.json").read_text())
+    assert meta["draft_vocab"]["size"] == 7 and meta["training"]["draft_vocab"] == 6
+    loaded, _ = load_checkpoint(result.out)
+    assert torch.equal(loaded.draft_vocab, vocab)
+    # A window whose stream targets all lie outside the vocabulary adds nothing to the loss.
+    objective = StreamObjective(result.model, tiny_config(tiny_llama_dir, data, tmp_path / "x", draft_vocab=6), True)
+    outside = [t for t in range(4, VOCAB) if t not in vocab.tolist()][:20]
+    record = Record(0, "o", "train", (5, 6, 7), tuple(outside))
+    loss, stats = objective([Window(record, 2, 14)])
+    assert stats["stream_count"].sum() == 0 and stats["stream_loss"].sum() == 0
+
+
 def test_resume_continues_exactly(tiny_llama_dir, data, tmp_path):
     straight = train(tiny_config(tiny_llama_dir, data, tmp_path / "a", steps=6), progress=False, echo=False)
     paused = train(tiny_config(tiny_llama_dir, data, tmp_path / "b", steps=6, stop_at=3), progress=False, echo=False)

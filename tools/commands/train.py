@@ -68,10 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--path", choices=("auto", "cached", "plain"), default="auto",
                      help="cached: stream rows only over the frozen main rows' cached keys/values "
                           "(lossless, fastest); plain: full MSA pass with gradient; auto picks")
-    run.add_argument("--draft-vocab", type=int, default=0, metavar="N",
-                     help="when done, store a reduced drafting vocabulary of the N most frequent training-answer "
-                          "tokens in the checkpoint (stream rows and the exit head of the export score only "
-                          "those; 0: the whole vocabulary)")
+    model.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                       help="train and deploy the stream rows and the exit head over a reduced drafting vocabulary: "
+                            "the N most frequent training-answer tokens (stored in the checkpoint; the export scores "
+                            "only those, verification keeps the whole vocabulary; 0: the whole vocabulary)")
     run.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for torch")
     run.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda:LOCAL_RANK under torchrun)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (evaluations still print)")
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data=args.data, out=args.out, base=args.base, mode=args.mode, streams=args.streams,
         msa_layers=args.msa_layers, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        exit_rank=args.exit_rank, steps=args.steps, batch=args.batch, window=args.window, lr=args.lr,
+        exit_rank=args.exit_rank, draft_vocab=args.draft_vocab, steps=args.steps, batch=args.batch, window=args.window, lr=args.lr,
         warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, main_weight=args.main_weight,
         stream_weight=args.stream_weight, exit_weight=args.exit_weight, max_length=args.max_length,
         seed=args.seed, eval_every=args.eval_every, eval_records=args.eval_records,
@@ -91,10 +91,6 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads, device=args.device, restart=args.restart,
     )
     result = train(config, progress=not args.no_progress)
-    if args.draft_vocab:
-        from streamspec.models import vocab
-
-        vocab.main([str(result.out), "--data", str(args.data), "--size", str(args.draft_vocab)])
     if result.history:
         best = next((h for h in result.history if h["step"] == result.best_step), result.history[-1])
         per_pass = ", ".join(f"budget {b}: {v:.2f}" for b, v in best["tokens_per_pass"].items())
