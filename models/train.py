@@ -174,8 +174,9 @@ def sequence_states(model: Transformer, record: Record, with_main: bool, device)
     hidden = model.lower(tokens, positions, recorder)
     if not with_main:
         return SequenceStates(tokens, positions, hidden, {}, {}, None)
-    main = model.upper(hidden, positions, recorder, with_streams=False).main_logits
-    logprobs = F.log_softmax(main[:, record.first_position:].float(), dim=-1)
+    # The head only over the answer positions: the prompt's rows predict nothing trained.
+    upper = model.msa_layers(hidden, positions, recorder, with_streams=False)
+    logprobs = F.log_softmax(model.head(upper[:, record.first_position:]).float(), dim=-1)
     return SequenceStates(tokens, positions, hidden, recorder.keys, recorder.values, logprobs)
 
 
