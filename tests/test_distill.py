@@ -202,3 +202,21 @@ def test_slot_decoder_sampling_does_not_depend_on_the_batch(tiny_model_dir):
         list(SlotDecoder(model, 1, 16).decode([Job(0, [5], 2, SamplingParams(temperature=1.0, seed=0))], []))
     with pytest.raises(StreamspecError, match="does not fit"):
         list(SlotDecoder(model, 1, 16).decode([Job(0, [5] * 10, 7)], []))
+
+
+def test_bench_distill_compares_the_three_paths_on_the_same_prompts(tiny_model_dir, prompts_file, tmp_path, capsys):
+    from streamspec.tools import bench_distill
+
+    more = write_jsonl(tmp_path / "more.jsonl", PROMPTS + [{**p, "id": p["id"] + "2"} for p in PROMPTS])
+    out = tmp_path / "report.json"
+    code = bench_distill.main(["--base", str(tiny_model_dir("llama")), "--prompts", str(more), "--num-prompts", "3",
+                               "--rounds", "2", "--max-new-tokens", "6", "--padded-batch", "2", "--slots", "2",
+                               "--threads", "1", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [r["system"] for r in report["systems"]] == list(bench_distill.SYSTEMS)
+    for row in report["systems"]:
+        assert row["answers"] == 6 and row["equal_to_one_at_a_time"] == 6 and row["answers_per_hour"] > 0
+    assert "continuous" in capsys.readouterr().out
+    assert bench_distill.main(["--prompts", str(prompts_file), "--num-prompts", "3", "--rounds", "2",
+                               "--json", str(out)]) == 1  # 3 prompts cannot fill 2 rounds

