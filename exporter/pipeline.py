@@ -108,7 +108,8 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
                  force: bool = False, source: Optional[dict[str, str]] = None, base_dir: Optional[Path] = None,
                  progress: bool = True, quantize: str = "none", block_size: int = quantization.DEFAULT_BLOCK_SIZE,
                  quantize_head: bool = True, quant_activations: str = quantization.DEFAULT_ACTIVATIONS,
-                 kv_dtype: str = "none", pruning: bool = False, full_draft_vocab: bool = False) -> Path:
+                 kv_dtype: str = "none", pruning: bool = False, full_draft_vocab: bool = False,
+                 gguf_blocks: bool = True) -> Path:
     """Trace `model` into a deployable folder at `out_dir` and return its path.
 
     dtype: "fp32" or "fp16" weights, activations and KV cache. quantize: "none", "int8"
@@ -126,6 +127,8 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
     (lower.onnx, upper.onnx; exporter/step.py) for tree pruning at run time.
     full_draft_vocab: stream rows and the early-exit head score the whole vocabulary even
     when the checkpoint has a reduced drafting vocabulary (models/vocab.py).
+    gguf_blocks: with quantize, when the base model is a GGUF file, carry its own blocks
+    into the quantized ops (exporter/gguf_blocks.py) instead of re-quantizing them.
     """
     out_dir = Path(out_dir).expanduser().resolve()
     tokenizer_dir = Path(tokenizer_dir)
@@ -144,14 +147,15 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
         if full_draft_vocab and model.draft_vocab is not None:
             model = copy.copy(model)  # the same modules, without the drafting vocabulary
             model.draft_vocab = None
+        blocks = _gguf_blocks(model, base_dir, say) if quantize != "none" and gguf_blocks and dtype == "fp32" else None
         say(f"Tracing the step graph ({backend} attention, {dtype})")
         graph = _write_graph(model, "step", tmp, candidates, full_logits, backend, slim, say, quantize, block_size,
-                             quantize_head, quant_activations)
+                             quantize_head, quant_activations, blocks)
         parts = {}
         for part in ("lower", "upper") if pruning else ():
             say(f"Tracing the {part} part of the step for tree pruning")
             parts[part] = _write_graph(model, part, tmp, candidates, full_logits, backend, slim, say, quantize,
-                                       block_size, quantize_head, quant_activations)
+                                       block_size, quantize_head, quant_activations, blocks)
         config = deploy_config(model, dtype, max_length, candidates, full_logits, backend, budget, graph,
                                source or {"kind": "model", "name": type(model).__name__})
         if parts:
@@ -173,7 +177,7 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
 # -------------------------------------------------------------------------- steps
 def _write_graph(model: Transformer, part: str, folder: Path, candidates: int, full_logits: bool, backend: str,
                  slim: bool, say, quantize: str, block_size: int, quantize_head: bool,
-                 quant_activations: str) -> dict[str, Any]:
+                 quant_activations: str, gguf_blocks: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Trace, simplify, quantize and save the step graph or one of its parts; returns its
     entry of streamspec.json's `graph` (file, external data, names, quantization)."""
     proto = trace(model, candidates, full_logits, backend, part)
@@ -184,12 +188,26 @@ def _write_graph(model: Transformer, part: str, folder: Path, candidates: int, f
     if quantize != "none":
         say(f"Quantizing the weights to {quantize} (MatMulNBits, blocks of {block_size})")
         proto, record = quantization.quantize_weights(proto, quantize, block_size, model.config.vocab_size,
-                                                      quantize_head, quant_activations)
+                                                      quantize_head, quant_activations, gguf_blocks)
     name = MODEL_FILE if part == "step" else f"{part}.onnx"
     external = _save(proto, folder, name)
     first, last = step.part_layers(model, part)
     return {"file": name, "external_data": external, "quantization": record, **_io_names(proto),
             "cache_inputs": step.cache_names(last, first=first), "cache_outputs": step.cache_names(last, "_out", first)}
+
+
+def _gguf_blocks(model: Transformer, base_dir: Optional[Path], say) -> Optional[dict[str, Any]]:
+    """The base GGUF's own blocks, keyed by weight (None for a Hugging Face base)."""
+    from .gguf_blocks import gguf_source, read_gguf_blocks
+
+    path = gguf_source(base_dir)
+    if path is None:
+        return None
+    say(f"Reading the quantized blocks of {path.name} (carried as they are, not re-quantized)")
+    blocks, skipped = read_gguf_blocks(path, model.config.num_heads, model.config.num_kv_heads, model.config.family)
+    if skipped:
+        say("Not carried (quantized again): " + ", ".join(f"{n} {kind} tensors" for kind, n in sorted(skipped.items())))
+    return blocks
 
 
 def trace(model: Transformer, candidates: int, full_logits: bool, backend: str, part: str = "step"):

@@ -68,43 +68,121 @@ def check_quantization(quantize: str, block_size: int, activations: str = DEFAUL
 
 
 def quantize_weights(proto, quantize: str, block_size: int = DEFAULT_BLOCK_SIZE, vocab_size: Optional[int] = None,
-                     head: bool = True, activations: str = DEFAULT_ACTIVATIONS):
+                     head: bool = True, activations: str = DEFAULT_ACTIVATIONS,
+                     gguf_blocks: Optional[dict[str, Any]] = None):
     """Quantize the weights of a step graph (ModelProto) in place of its fp32 ones.
     Returns (ModelProto, the `quantization` record for streamspec.json).
 
     vocab_size: finds the LM head (`_head_matmuls`); head=False keeps it fp32.
     activations: "fp32" (exact like fp32 weights) or "int8" (faster on CPU), see the
-    module docstring.
+    module docstring. gguf_blocks: the base GGUF's own blocks (`gguf_blocks.read_gguf_blocks`):
+    every weight that is exactly a de-quantized GGUF tensor takes its blocks as they are;
+    the others are quantized as usual.
     """
     MatMulNBitsQuantizer, QuantFormat = _quantizer()
     bits = QUANTIZATIONS[quantize]
     _name_nodes(proto)
     _fold_transposed_weights(proto)
     _merge_identical_initializers(proto)
+    carried = _carry_gguf_blocks(proto, gguf_blocks, ACCURACY_LEVELS[activations], head, vocab_size) \
+        if gguf_blocks else {}
     chosen, kept = _choose_matmuls(proto, block_size, vocab_size, head)
     gathers = _embedding_gathers(proto) if bits == 4 else []
     # The quantizer takes every node of the chosen op types unless it is excluded by name.
     exclude = kept + [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name not in gathers]
-    quiet = logging.getLogger("onnxruntime.quantization")  # it logs every node at INFO / WARNING
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False,
-                                         accuracy_level=ACCURACY_LEVELS[activations], nodes_to_exclude=exclude,
-                                         quant_format=QuantFormat.QOperator,
-                                         op_types_to_quantize=("MatMul", "Gather") if gathers else ("MatMul",),
-                                         quant_axes=(("MatMul", 0), ("Gather", 1)))
-        quantizer.process()
-    finally:
-        quiet.setLevel(level)
-    proto = quantizer.model.model
+    if chosen or gathers:
+        quiet = logging.getLogger("onnxruntime.quantization")  # it logs every node at INFO / WARNING
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False,
+                                             accuracy_level=ACCURACY_LEVELS[activations], nodes_to_exclude=exclude,
+                                             quant_format=QuantFormat.QOperator,
+                                             op_types_to_quantize=("MatMul", "Gather") if gathers else ("MatMul",),
+                                             quant_axes=(("MatMul", 0), ("Gather", 1)))
+            quantizer.process()
+        finally:
+            quiet.setLevel(level)
+        proto = quantizer.model.model
     _drop_duplicate_initializers(proto)
     _drop_dead_nodes(proto)
     record = {"method": "MatMulNBits", "bits": bits, "block_size": block_size, "symmetric": False,
               "activations": activations, "accuracy_level": ACCURACY_LEVELS[activations],
               "matmuls": len(chosen), "matmuls_kept_fp32": len(kept), "lm_head": head,
-              "embedding": "GatherBlockQuantized" if gathers else "fp32"}
+              "embedding": "GatherBlockQuantized" if gathers or any(
+                  n.op_type == "GatherBlockQuantized" for n in proto.graph.node) else "fp32"}
+    if carried:
+        record["gguf_blocks"] = carried
     return proto, record
+
+
+def _carry_gguf_blocks(proto, blocks: dict[str, Any], accuracy_level: int, head: bool,
+                       vocab_size: Optional[int]) -> dict[str, Any]:
+    """Replace every MatMul (and the embedding Gather) whose constant fp32 weight is a
+    de-quantized GGUF tensor by MatMulNBits (GatherBlockQuantized) over that tensor's
+    own blocks (exporter/gguf_blocks.py). Returns what was carried, per GGUF type."""
+    from onnx import helper, numpy_helper
+
+    from .gguf_blocks import weight_key
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    heads = _head_matmuls(proto, vocab_size) if not head else set()
+    keys: dict[str, Optional[str]] = {}  # initializer -> matching key (None: no match)
+
+    def match(name: str) -> Optional[Any]:
+        tensor = initializers.get(name)
+        if tensor is None or len(tensor.dims) != 2 or tensor.data_type != 1:  # fp32 2-D only
+            return None
+        if name not in keys:
+            key = weight_key(numpy_helper.to_array(tensor, base_dir=""))
+            keys[name] = key if key in blocks else None
+        return blocks[keys[name]] if keys[name] else None
+
+    added: set[str] = set()
+
+    def add(name: str, array: np.ndarray) -> str:
+        if name not in added:
+            graph.initializer.append(numpy_helper.from_array(array, name))
+            added.add(name)
+        return name
+
+    counts: dict[str, int] = {}
+    replaced = []
+    for index, node in enumerate(graph.node):
+        if node.op_type == "MatMul" and node.name not in heads:
+            found = match(node.input[1])
+            if found is None:
+                continue
+            w = node.input[1]
+            n, k = found.codes.shape
+            new = helper.make_node(
+                "MatMulNBits", [node.input[0], add(f"{w}.gguf_q", found.packed()), add(f"{w}.gguf_scales", found.scales),
+                                add(f"{w}.gguf_zero_points", found.zero_point_input())],
+                list(node.output), name=node.name, domain="com.microsoft", K=k, N=n, bits=found.bits,
+                block_size=found.block_size, accuracy_level=accuracy_level)
+        elif node.op_type == "Gather" and _axis(node) == 0:
+            found = match(node.input[0])
+            if found is None or found.bits != 8:  # 8-bit tables only: a Gather's zero points are uint8
+                continue
+            w = node.input[0]
+            zero = found.zero_points.astype(np.uint8)
+            if not np.array_equal(zero, found.zero_points):
+                continue
+            new = helper.make_node(
+                "GatherBlockQuantized", [add(f"{w}.gguf_q8", found.codes), node.input[1],
+                                         add(f"{w}.gguf_scales", found.scales), add(f"{w}.gguf_zero_points8", zero)],
+                list(node.output), name=node.name, domain="com.microsoft", bits=8, block_size=found.block_size,
+                gather_axis=0, quantize_axis=1)
+        else:
+            continue
+        replaced.append((index, new))
+        counts[found.gguf_type] = counts.get(found.gguf_type, 0) + 1
+    for index, new in replaced:
+        graph.node[index].CopyFrom(new)
+    if replaced and not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return counts
 
 
 def _quantizer():

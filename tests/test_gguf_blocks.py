@@ -1,0 +1,132 @@
+"""GGUF blocks carried into MatMulNBits / GatherBlockQuantized (exporter/gguf_blocks.py).
+
+Random GGUF blocks of every carried type: the codes, scales and zero points reproduce
+gguf-py's own de-quantization (which the GGUF conversion uses), and ONNX Runtime's ops
+over them compute the same products as fp32 over the de-quantized weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamspec.exporter.gguf_blocks import LAYOUTS, blocks_of, llama_row_order
+
+# bytes per GGUF block: the scale fields first (fp16), then the codes
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q6_K": 210}
+FP16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
+
+
+def random_tensor(kind: str, rows: int, columns: int, seed: int = 0) -> np.ndarray:
+    """Raw bytes [rows, bytes per row] of random blocks with finite, small fp16 scales
+    (and some all-zero scales: constant blocks)."""
+    rng = np.random.default_rng(seed)
+    per_block = LAYOUTS[kind][0]
+    blocks = rows * columns // per_block
+    raw = rng.integers(0, 256, size=(blocks, BLOCK_BYTES[kind]), dtype=np.uint8)
+    for offset in FP16_FIELDS[kind]:
+        values = rng.uniform(-0.05, 0.05, size=blocks).astype(np.float16)
+        values[::7] = 0  # scale 0: a constant block
+        raw[:, offset:offset + 2] = values.view(np.uint8).reshape(blocks, 2)
+    return raw.reshape(rows, -1)
+
+
+def gguf_dequantize(kind: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return dequantize(raw, GGMLQuantizationType[kind]).reshape(rows, columns).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+def test_blocks_reproduce_gguf_dequantization(kind):
+    rows, columns = 6, 512
+    raw = random_tensor(kind, rows, columns)
+    blocks = blocks_of(kind, raw, rows, columns)
+    expected = gguf_dequantize(kind, raw, rows, columns)
+    assert blocks.codes.max() < 2 ** blocks.bits
+    got = blocks.dequantize()
+    if kind in ("Q4_0", "Q8_0", "Q6_K"):  # integer zero points: the same products
+        np.testing.assert_array_equal(got, expected)
+    else:  # float zero points (−m/d): float rounding only
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(got, np.zeros_like(got))
+
+
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+@pytest.mark.parametrize("accuracy_level", [1, 4])
+def test_matmulnbits_over_carried_blocks(kind, accuracy_level):
+    """One MatMulNBits node over the blocks equals x @ W^T of the de-quantized weight:
+    within float rounding at accuracy level 1, within int8 activation rounding at 4."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, columns = 64, 512  # N, K
+    raw = random_tensor(kind, rows, columns, seed=1)
+    blocks = blocks_of(kind, raw, rows, columns)
+    weight = gguf_dequantize(kind, raw, rows, columns)
+    node = helper.make_node("MatMulNBits", ["x", "q", "scales", "zero_points"], ["y"], domain="com.microsoft",
+                            K=columns, N=rows, bits=blocks.bits, block_size=blocks.block_size,
+                            accuracy_level=accuracy_level)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, columns])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, rows])],
+        [numpy_helper.from_array(blocks.packed(), "q"), numpy_helper.from_array(blocks.scales, "scales"),
+         numpy_helper.from_array(blocks.zero_point_input(), "zero_points")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).standard_normal((5, columns)).astype(np.float32)
+    (y,) = session.run(None, {"x": x})
+    reference = x.astype(np.float64) @ weight.T.astype(np.float64)
+    scale = np.abs(reference).max()
+    tolerance = 1e-5 if accuracy_level == 1 else 2e-2  # int8 activations: ~1/127 of each block's range
+    assert np.abs(y - reference).max() <= tolerance * scale
+
+
+def test_llama_row_order_undoes_the_gguf_interleave():
+    """transformers de-interleaves llama.cpp's rotary halves per head; the row order does
+    the same to an index, so blocks can follow their rows."""
+    heads, dim = 3, 8
+    rows = heads * dim
+    interleaved = np.arange(rows).reshape(heads, 2, dim // 2).swapaxes(1, 2).reshape(rows)  # GGUF row j holds HF row interleaved[j]
+    order = llama_row_order(rows, heads)
+    assert sorted(order.tolist()) == list(range(rows))
+    np.testing.assert_array_equal(interleaved[order], np.arange(rows))
+
+
+def test_quantize_weights_carries_matching_weights():
+    """A graph whose weights are exactly de-quantized GGUF tensors (an embedding table in
+    Q8_0, tied to the head, and an MLP's up projection in Q4_1): every one of them takes
+    its own blocks, and the outputs equal the fp32 graph's within float rounding. A
+    weight that matches no tensor is quantized as usual."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from streamspec.exporter.gguf_blocks import carried_weights
+    from streamspec.exporter.quantize import quantize_weights
+    from test_quantize import tied_graph
+
+    vocab, hidden = 96, 256
+    tensors = [("token_embd.weight", "Q8_0", random_tensor("Q8_0", vocab, hidden, 3), vocab, hidden),
+               ("blk.0.ffn_up.weight", "Q4_1", random_tensor("Q4_1", vocab, hidden, 4), vocab, hidden),
+               ("blk.0.attn_v.weight", "Q4_K", random_tensor("Q4_K", 8, 256, 5), 8, 256),  # in no MatMul
+               ("blk.0.ffn_gate.weight", "IQ2_XS", np.zeros((8, 66), np.uint8), 8, 256)]  # a type not carried
+    table = gguf_dequantize("Q8_0", tensors[0][2], vocab, hidden)  # [V, D]
+    up = gguf_dequantize("Q4_1", tensors[1][2], vocab, hidden)  # [N=V, K=D]
+    proto, _, _ = tied_graph(vocab, hidden)
+    initializers = {t.name: t for t in proto.graph.initializer}
+    initializers["table"].CopyFrom(numpy_helper.from_array(table, "table"))
+    initializers["mlp"].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(up.T), "mlp"))  # MatMul weight [K, N]
+    carried, skipped = carried_weights(tensors, num_heads=4, num_kv_heads=4)
+    assert skipped == {"IQ2_XS": 1}
+    reference = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    quantized, record = quantize_weights(onnx.ModelProto.FromString(proto.SerializeToString()), "int4", 32,
+                                         vocab_size=vocab, gguf_blocks=carried)
+    ops = [node.op_type for node in quantized.graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 4 and "MatMul" not in ops
+    assert record["gguf_blocks"] == {"Q8_0": 3, "Q4_1": 1}  # embedding + two heads; the up projection
+    assert record["matmuls"] == 1  # "down" matched no GGUF tensor: re-quantized (round to nearest)
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([1, 5, 90], np.int64)
+    (want_logits, _, _), (got_logits, _, _) = reference.run(None, {"ids": ids}), session.run(None, {"ids": ids})
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5 * np.abs(want_logits).max())
