@@ -479,8 +479,7 @@ async def _tokenize(engine: Engine, prompt: Any, limit: int, param: str) -> list
     try:
         return await asyncio.to_thread(engine.prompt_ids, prompt, limit)
     except PromptTooLong as error:
-        raise RequestError(400, f"{error} (this server's limit is {limit} tokens)", param=param,
-                           code="context_length_exceeded") from None
+        raise RequestError(400, str(error), param=param, code="context_length_exceeded") from None
     except StreamspecError as error:
         raise RequestError(400, str(error), param=param) from None
 
