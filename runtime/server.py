@@ -362,7 +362,7 @@ class _Guard:
 
     def __init__(self, app: Any, settings: ServerSettings):
         self.app, self.settings = app, settings
-        self.in_progress = 0  # POST requests from their first byte to their answer's last (one event loop)
+        self.in_progress = 0  # requests with a body, from their first byte to their answer's last (one event loop)
         self._expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -370,7 +370,7 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         error = self._authorize(scope)
-        if error is None and scope["method"] == "POST":
+        if error is None and _has_body(scope):  # any method: a body sent to a GET is read and counted too
             if self.in_progress < self.settings.max_queue:
                 await self._admitted(scope, receive, send)
                 return
@@ -416,6 +416,12 @@ class _Guard:
                 await self.app(scope, _replay(body, receive), send_then_release)
         finally:
             release()
+
+
+def _has_body(scope: dict) -> bool:
+    """Whether the request announces a body: a Content-Length above 0, or chunks."""
+    headers = dict((name.lower(), value) for name, value in scope["headers"])
+    return headers.get(b"content-length", b"0").strip() not in (b"0", b"") or b"transfer-encoding" in headers
 
 
 async def read_body(scope: dict, receive: Any, limit: int) -> Union[bytes, RequestError, None]:
