@@ -43,6 +43,7 @@ import numpy as np
 from streamspec.errors import StreamspecError, first_line, read_json_file
 from streamspec.files import write_atomic, write_text
 
+from .checks import is_integer
 from .session import common_prefix
 
 if TYPE_CHECKING:
@@ -254,18 +255,14 @@ def _read_state(folder: Path, vocab_size: int) -> dict[str, Any]:
                               f"reads version {FORMAT_VERSION}; a conversation saved by an older version cannot "
                               "be verified, start it again.")
     ids, rows, messages = state.get("token_ids"), state.get("rows"), state.get("messages")
-    if (not isinstance(ids, list) or not all(_is_int(t) and 0 <= t < vocab_size for t in ids)
-            or not _is_int(rows) or not 0 <= rows <= len(ids)):
+    if (not isinstance(ids, list) or not all(is_integer(t) and 0 <= t < vocab_size for t in ids)
+            or not is_integer(rows) or not 0 <= rows <= len(ids)):
         raise StreamspecError(f"{path} lacks valid token ids (in [0, {vocab_size})) or rows (corrupt file).")
     if not isinstance(messages, list) or not all(_is_message(m) for m in messages):
         raise StreamspecError(f"{path}: messages must be a list of role and content texts (corrupt file).")
     if not isinstance(state.get("model"), str) or not isinstance(state.get("kv_sha256"), str):
         raise StreamspecError(f"{path} lacks the model's fingerprint or the cache's checksum (corrupt file).")
     return state
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_message(message: Any) -> bool:

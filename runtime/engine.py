@@ -35,6 +35,7 @@ import numpy as np
 
 from streamspec.errors import StreamspecError
 
+from .checks import is_integer
 from .fallback import Fallback
 from .folder import read_folder
 from .memory import MemoryEstimate, fit_to_memory, parse_size
@@ -251,7 +252,7 @@ class Engine:
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             ids = self.tokenizer.encode_chat(list(prompt))
-        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(_is_token(t) for t in prompt):
+        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(is_integer(t) for t in prompt):
             ids = [int(t) for t in prompt]
             if any(not 0 <= t < self.config.vocab_size for t in ids):
                 raise StreamspecError(f"Token ids must be in [0, {self.config.vocab_size}).")
@@ -324,7 +325,7 @@ class Engine:
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse (one sentence) a request that does not fit the cache: the prompt plus
         max_new_tokens (a server checks this before it queues a request)."""
-        if not _is_token(max_new_tokens) or max_new_tokens < 1:
+        if not is_integer(max_new_tokens) or max_new_tokens < 1:
             raise StreamspecError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
         if max_new_tokens > self.room_for(prompt_tokens):
             raise StreamspecError(
@@ -577,11 +578,6 @@ class _Uniforms:
             more = self.rng.random(max(needed - len(self.values), 64), dtype=np.float32)
             self.values = np.concatenate([self.values, more])
         return self.values[indices]
-
-
-def _is_token(value: Any) -> bool:
-    """An integer (numpy's too), not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _draft(out: dict[str, np.ndarray], node: int) -> tuple[np.ndarray, np.ndarray]:

@@ -47,6 +47,8 @@ from typing import Any, Callable, Optional, Union
 
 from streamspec.errors import StreamspecError, read_json_file
 
+from .checks import is_integer, is_number
+
 FORMAT = "streamspec-deployable"
 FORMAT_VERSION = 1
 CONFIG_FILE = "streamspec.json"
@@ -175,19 +177,14 @@ class Rule:
     test: Callable[[Any], bool]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def integer(low: int, high: Optional[int] = None) -> Rule:
     words = f"an integer between {low} and {high}" if high is not None else f"an integer >= {low}"
-    return Rule(words, lambda v: _is_int(v) and v >= low and (high is None or v <= high))
+    return Rule(words, lambda v: is_integer(v) and v >= low and (high is None or v <= high))
 
 
 def number(low: float, high: float) -> Rule:
     """A finite number in [low, high) (json reads NaN and Infinity; they fail here)."""
-    return Rule(f"a number in [{low}, {high})",
-                lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v < high)
+    return Rule(f"a number in [{low}, {high})", lambda v: is_number(v) and low <= v < high)
 
 
 def choice(*values: Any) -> Rule:
@@ -210,7 +207,7 @@ OBJECT = Rule("an object", lambda v: isinstance(v, dict))
 STRING = Rule("a string", lambda v: isinstance(v, str))
 NAMES = Rule("a list of strings", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v))
 FILE = Rule("a file name inside the folder", lambda v: isinstance(v, str) and _is_inside(v))
-TOKEN_IDS = Rule("a list of token ids", lambda v: isinstance(v, list) and all(_is_int(t) and t >= 0 for t in v))
+TOKEN_IDS = Rule("a list of token ids", lambda v: isinstance(v, list) and all(is_integer(t) and t >= 0 for t in v))
 MAX_DIM = 1 << 20  # far above any real model; it keeps arithmetic on these numbers sane
 
 # Every key the runtime reads, with its rule; "?" marks one that may be absent (older
@@ -296,7 +293,7 @@ def read_folder(folder: Union[str, os.PathLike]) -> DeployConfig:
 
 def _check_version(raw: dict[str, Any], folder: Path, config_path: Path) -> None:
     found = raw.get("format_version")
-    if not _is_int(found):  # "1" is not 1, and saying "version 1, but this reads version 1" helps nobody
+    if not is_integer(found):  # "1" is not 1, and saying "version 1, but this reads version 1" helps nobody
         raise StreamspecError(f"{config_path}: format_version must be the integer {FORMAT_VERSION}, got "
                               f"{_shown(found)}; export the model again.")
     if found != FORMAT_VERSION:

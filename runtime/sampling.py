@@ -14,6 +14,8 @@ import numpy as np
 
 from streamspec.errors import StreamspecError
 
+from .checks import is_integer, is_number
+
 
 MAX_SEED = 2 ** 64 - 1  # numpy's generators take any non-negative integer; 64 bits is plenty
 
@@ -30,7 +32,7 @@ class SamplingParams:
         """The parameters from caller-supplied values (the Python API, the server, the
         CLI), type- and range-checked; one sentence when one is wrong."""
         for name, value in (("temperature", temperature), ("top_p", top_p)):
-            if not _is_number(value):
+            if not is_number(value):
                 raise StreamspecError(f"{name} must be a number, got {value!r}.")
         params = cls(float(temperature), float(top_p), top_k, seed)
         params.validate()
@@ -41,10 +43,10 @@ class SamplingParams:
             raise StreamspecError(f"temperature must be >= 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:
             raise StreamspecError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if not _is_integer(self.top_k) or self.top_k < 0:
+        if not is_integer(self.top_k) or self.top_k < 0:
             raise StreamspecError(f"top_k must be an integer >= 0, got {self.top_k!r}.")
         # A negative seed made numpy raise deep inside a generation (a 500 from the server).
-        if self.seed is not None and (not _is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED):
+        if self.seed is not None and (not is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise StreamspecError(f"seed must be an integer between 0 and 2**64 - 1, got {self.seed!r}.")
 
     @property
@@ -52,12 +54,6 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def filtered_distribution(ids: np.ndarray, logits: np.ndarray,

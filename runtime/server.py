@@ -59,6 +59,7 @@ from starlette.exceptions import HTTPException
 
 from streamspec.errors import StreamspecError
 
+from .checks import is_integer
 from .engine import Engine, Generation, PromptTooLong
 
 log = logging.getLogger("streamspec.serve")
@@ -84,11 +85,11 @@ class ServerSettings:
         prompt limit in tokens (max_prompt_tokens, or what the model's length allows)."""
         for name in ("max_tokens", "max_queue", "max_body_bytes", "completion_default_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise StreamspecError(f"The server's {name} must be a positive integer, got {value!r}.")
         longest = engine.max_length - 1  # the answer needs at least one row
         limit = self.max_prompt_tokens
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= longest):
+        if limit is not None and (not is_integer(limit) or not 1 <= limit <= longest):
             raise StreamspecError(f"--max-prompt-tokens must be between 1 and {longest} (the model's maximum length "
                                   f"of {engine.max_length} tokens less one for the answer), got {limit!r}.")
         return limit or longest

@@ -38,6 +38,7 @@ import onnxruntime as ort
 
 from streamspec.errors import StreamspecError, first_line
 
+from .checks import is_integer
 from .folder import DeployConfig
 from .tree import in_place
 
@@ -106,13 +107,9 @@ def check_threads(threads: Any) -> None:
     counts are no thread count, and far more threads than cores only slow every step
     down (100000 took minutes to start)."""
     cores = os.cpu_count() or 1
-    if threads is not None and (not _is_integer(threads) or not 1 <= threads <= cores):
+    if threads is not None and (not is_integer(threads) or not 1 <= threads <= cores):
         raise StreamspecError(f"threads must be between 1 and the {cores} CPU cores of this machine, "
                               f"got {threads!r}.")
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def resolve_provider(provider: str) -> str:
@@ -211,7 +208,7 @@ class StepSession:
         # None is the exported maximum; 0 is refused like any other value out of range
         # (it used to mean the default silently).
         self.max_length = config.max_length if max_length is None else max_length
-        if not _is_integer(self.max_length) or not 16 <= self.max_length <= config.max_length:
+        if not is_integer(self.max_length) or not 16 <= self.max_length <= config.max_length:
             raise StreamspecError(
                 f"max_length must be between 16 and the exported maximum of {config.max_length}, "
                 f"got {self.max_length!r}.")
