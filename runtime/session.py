@@ -28,7 +28,6 @@ layers for the kept ones, so compaction takes a path per group (host compaction 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Sequence
@@ -38,7 +37,7 @@ import onnxruntime as ort
 
 from streamspec.errors import StreamspecError, first_line
 
-from .checks import is_integer
+from .checks import cpu_cores, is_integer
 from .folder import DeployConfig
 from .tree import in_place
 
@@ -103,10 +102,9 @@ class CacheContents:
 
 
 def check_threads(threads: Any) -> None:
-    """None (ONNX Runtime's choice) or 1 to this machine's CPU cores: 0 and negative
-    counts are no thread count, and far more threads than cores only slow every step
-    down (100000 took minutes to start)."""
-    cores = os.cpu_count() or 1
+    """None (ONNX Runtime's choice) or 1 to this machine's CPU cores (`cpu_cores`): 0
+    and negative counts are no thread count."""
+    cores = cpu_cores()
     if threads is not None and (not is_integer(threads) or not 1 <= threads <= cores):
         raise StreamspecError(f"threads must be between 1 and the {cores} CPU cores of this machine, "
                               f"got {threads!r}.")

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
+from streamspec.runtime.checks import cpu_cores
 from streamspec.runtime.sampling import MAX_SEED
 
 
@@ -67,9 +68,9 @@ def _range(low: Optional[int], high: Optional[int]) -> str:
 
 
 def threads(text: str) -> int:
-    """ONNX Runtime intra-op threads: 1 to the CPU cores of this machine (more only
-    slows every step down; 100000 ran for minutes)."""
-    cores = os.cpu_count() or 1
+    """ONNX Runtime intra-op threads: 1 to the CPU cores of this machine (the runtime's
+    own rule, `streamspec.runtime.checks.cpu_cores`)."""
+    cores = cpu_cores()
     try:
         return integer(1, cores)(text)
     except argparse.ArgumentTypeError as error:
