@@ -109,7 +109,7 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
                  progress: bool = True, quantize: str = "none", block_size: int = quantization.DEFAULT_BLOCK_SIZE,
                  quantize_head: bool = True, quant_activations: str = quantization.DEFAULT_ACTIVATIONS,
                  kv_dtype: str = "none", pruning: bool = False, full_draft_vocab: bool = False,
-                 gguf_blocks: bool = True) -> Path:
+                 gguf_blocks: bool = True, quant_method: str = "default") -> Path:
     """Trace `model` into a deployable folder at `out_dir` and return its path.
 
     dtype: "fp32" or "fp16" weights, activations and KV cache. quantize: "none", "int8"
@@ -129,11 +129,12 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
     when the checkpoint has a reduced drafting vocabulary (models/vocab.py).
     gguf_blocks: with quantize, when the base model is a GGUF file, carry its own blocks
     into the quantized ops (exporter/gguf_blocks.py) instead of re-quantizing them.
+    quant_method: the weight-only algorithm for what is quantized (quantize.METHODS).
     """
     out_dir = Path(out_dir).expanduser().resolve()
     tokenizer_dir = Path(tokenizer_dir)
     max_length = _check_options(model, tokenizer_dir, out_dir, dtype, max_length, candidates, backend, budget, force)
-    quantization.check_quantization(quantize, block_size, quant_activations)
+    quantization.check_quantization(quantize, block_size, quant_activations, quant_method)
     kv = kv_cache.check_kv_dtype(kv_dtype, backend)
     if pruning and not model.num_streams:
         raise StreamspecError("--pruning needs a model with streams (a checkpoint written by `streamspec train`).")
@@ -149,13 +150,13 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
             model.draft_vocab = None
         blocks = _gguf_blocks(model, base_dir, say) if quantize != "none" and gguf_blocks and dtype == "fp32" else None
         say(f"Tracing the step graph ({backend} attention, {dtype})")
-        graph = _write_graph(model, "step", tmp, candidates, full_logits, backend, slim, say, quantize, block_size,
-                             quantize_head, quant_activations, blocks)
+        quantizing = dict(quantize=quantize, block_size=block_size, quantize_head=quantize_head,
+                          quant_activations=quant_activations, gguf_blocks=blocks, method=quant_method)
+        graph = _write_graph(model, "step", tmp, candidates, full_logits, backend, slim, say, **quantizing)
         parts = {}
         for part in ("lower", "upper") if pruning else ():
             say(f"Tracing the {part} part of the step for tree pruning")
-            parts[part] = _write_graph(model, part, tmp, candidates, full_logits, backend, slim, say, quantize,
-                                       block_size, quantize_head, quant_activations, blocks)
+            parts[part] = _write_graph(model, part, tmp, candidates, full_logits, backend, slim, say, **quantizing)
         config = deploy_config(model, dtype, max_length, candidates, full_logits, backend, budget, graph,
                                source or {"kind": "model", "name": type(model).__name__})
         if parts:
@@ -177,7 +178,8 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
 # -------------------------------------------------------------------------- steps
 def _write_graph(model: Transformer, part: str, folder: Path, candidates: int, full_logits: bool, backend: str,
                  slim: bool, say, quantize: str, block_size: int, quantize_head: bool,
-                 quant_activations: str, gguf_blocks: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                 quant_activations: str, gguf_blocks: Optional[dict[str, Any]] = None,
+                 method: str = "default") -> dict[str, Any]:
     """Trace, simplify, quantize and save the step graph or one of its parts; returns its
     entry of streamspec.json's `graph` (file, external data, names, quantization)."""
     proto = trace(model, candidates, full_logits, backend, part)
@@ -188,7 +190,7 @@ def _write_graph(model: Transformer, part: str, folder: Path, candidates: int, f
     if quantize != "none":
         say(f"Quantizing the weights to {quantize} (MatMulNBits, blocks of {block_size})")
         proto, record = quantization.quantize_weights(proto, quantize, block_size, model.config.vocab_size,
-                                                      quantize_head, quant_activations, gguf_blocks)
+                                                      quantize_head, quant_activations, gguf_blocks, method)
     name = MODEL_FILE if part == "step" else f"{part}.onnx"
     external = _save(proto, folder, name)
     first, last = step.part_layers(model, part)

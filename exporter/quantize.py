@@ -36,7 +36,9 @@ runs MatMulNBits and GatherBlockQuantized on its CPU and CUDA providers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 from typing import Any, Optional
 
@@ -50,16 +52,28 @@ DEFAULT_BLOCK_SIZE = 32
 # (1: as fp32; 4: quantized to int8 per row and block of K, the fast CPU path).
 ACCURACY_LEVELS = {"fp32": 1, "int8": 4}
 DEFAULT_ACTIVATIONS = "fp32"
+# --quant-method: ONNX Runtime's weight-only algorithms (matmul_nbits_quantizer), all
+# without calibration data. default: min/max round to nearest per block (MLAS's own);
+# rtn: round to nearest with clipping ratios; k_quant: llama.cpp-style search of each
+# block's scale and minimum; hqq: half-quadratic optimisation of scale and zero point.
+# rtn, k_quant and hqq are 4-bit only. (GPTQ needs calibration inputs of the step graph
+# itself, not offered.)
+METHODS = ("default", "rtn", "k_quant", "hqq")
 
 
-def check_quantization(quantize: str, block_size: int, activations: str = DEFAULT_ACTIVATIONS) -> Optional[int]:
+def check_quantization(quantize: str, block_size: int, activations: str = DEFAULT_ACTIVATIONS,
+                       method: str = "default") -> Optional[int]:
     """The bits for --quantize (None for "none"); one sentence on bad input. Any --dtype
     goes: MatMulNBits and GatherBlockQuantized have fp32 and fp16 kernels on CPU and CUDA."""
     if quantize not in QUANTIZATIONS:
         raise StreamspecError(f"--quantize must be none, int8 or int4, got {quantize!r}.")
     if activations not in ACCURACY_LEVELS:
         raise StreamspecError(f"--quant-activations must be int8 or fp32, got {activations!r}.")
+    if method not in METHODS:
+        raise StreamspecError(f"--quant-method must be one of {', '.join(METHODS)}, got {method!r}.")
     bits = QUANTIZATIONS[quantize]
+    if method != "default" and bits != 4:
+        raise StreamspecError(f"--quant-method {method} quantizes to 4 bits only; use it with --quantize int4.")
     if bits is None:
         return None
     if block_size < 16 or block_size & (block_size - 1):
@@ -69,7 +83,7 @@ def check_quantization(quantize: str, block_size: int, activations: str = DEFAUL
 
 def quantize_weights(proto, quantize: str, block_size: int = DEFAULT_BLOCK_SIZE, vocab_size: Optional[int] = None,
                      head: bool = True, activations: str = DEFAULT_ACTIVATIONS,
-                     gguf_blocks: Optional[dict[str, Any]] = None):
+                     gguf_blocks: Optional[dict[str, Any]] = None, method: str = "default"):
     """Quantize the weights of a step graph (ModelProto) in place of its fp32 ones.
     Returns (ModelProto, the `quantization` record for streamspec.json).
 
@@ -77,7 +91,7 @@ def quantize_weights(proto, quantize: str, block_size: int = DEFAULT_BLOCK_SIZE,
     activations: "fp32" (exact like fp32 weights) or "int8" (faster on CPU), see the
     module docstring. gguf_blocks: the base GGUF's own blocks (`gguf_blocks.read_gguf_blocks`):
     every weight that is exactly a de-quantized GGUF tensor takes its blocks as they are;
-    the others are quantized as usual.
+    the others are quantized as usual, with `method` (METHODS).
     """
     MatMulNBitsQuantizer, QuantFormat = _quantizer()
     bits = QUANTIZATIONS[quantize]
@@ -95,18 +109,27 @@ def quantize_weights(proto, quantize: str, block_size: int = DEFAULT_BLOCK_SIZE,
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False,
-                                             accuracy_level=ACCURACY_LEVELS[activations], nodes_to_exclude=exclude,
-                                             quant_format=QuantFormat.QOperator,
-                                             op_types_to_quantize=("MatMul", "Gather") if gathers else ("MatMul",),
-                                             quant_axes=(("MatMul", 0), ("Gather", 1)))
-            quantizer.process()
+            for algorithm, op_types in _passes(method, bool(chosen), bool(gathers)):
+                skip = exclude + ([n for n in chosen] if "MatMul" not in op_types else []) \
+                    + (gathers if "Gather" not in op_types else [])
+                quantizer = MatMulNBitsQuantizer(
+                    proto, bits=bits, block_size=block_size, is_symmetric=False,
+                    accuracy_level=ACCURACY_LEVELS[activations], nodes_to_exclude=skip,
+                    quant_format=QuantFormat.QOperator, op_types_to_quantize=op_types,
+                    quant_axes=(("MatMul", 0), ("Gather", 1)),
+                    algo_config=_algo_config(algorithm, bits, block_size, op_types))
+                with contextlib.redirect_stdout(io.StringIO()):  # rtn / k_quant print a progress bar
+                    quantizer.process()
+                proto = quantizer.model.model
         finally:
             quiet.setLevel(level)
-        proto = quantizer.model.model
+        # Every algorithm's MatMulNBits computes as --quant-activations says (HQQ leaves it unset).
+        for node in proto.graph.node:
+            if node.op_type == "MatMulNBits":
+                _set_attribute(node, "accuracy_level", ACCURACY_LEVELS[activations])
     _drop_duplicate_initializers(proto)
     _drop_dead_nodes(proto)
-    record = {"method": "MatMulNBits", "bits": bits, "block_size": block_size, "symmetric": False,
+    record = {"method": "MatMulNBits", "algorithm": method, "bits": bits, "block_size": block_size, "symmetric": False,
               "activations": activations, "accuracy_level": ACCURACY_LEVELS[activations],
               "matmuls": len(chosen), "matmuls_kept_fp32": len(kept), "lm_head": head,
               "embedding": "GatherBlockQuantized" if gathers or any(
@@ -183,6 +206,35 @@ def _carry_gguf_blocks(proto, blocks: dict[str, Any], accuracy_level: int, head:
     if replaced and not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return counts
+
+
+def _passes(method: str, matmuls: bool, gathers: bool) -> list[tuple[str, tuple[str, ...]]]:
+    """(algorithm, op types) per quantizer pass: the embedding Gather always takes the
+    default algorithm (the others quantize MatMuls only)."""
+    if method == "default":
+        return [("default", ("MatMul", "Gather") if gathers else ("MatMul",))]
+    return ([(method, ("MatMul",))] if matmuls else []) + ([("default", ("Gather",))] if gathers else [])
+
+
+def _algo_config(method: str, bits: int, block_size: int, op_types: tuple[str, ...]):
+    """ONNX Runtime's configuration object of an algorithm (None: its default)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as q
+
+    if method == "default":
+        return None
+    if method == "hqq":
+        return q.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=op_types)
+    config = (q.RTNWeightOnlyQuantConfig if method == "rtn" else q.KQuantWeightOnlyQuantConfig)(
+        op_types_to_quantize=op_types)
+    return config
+
+
+def _set_attribute(node, name: str, value: int) -> None:
+    from onnx import helper
+
+    kept = [a for a in node.attribute if a.name != name]
+    node.ClearField("attribute")
+    node.attribute.extend(kept + [helper.make_attribute(name, value)])
 
 
 def _quantizer():

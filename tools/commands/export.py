@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(a power of two >= 16; smaller is more accurate and a little larger)")
     parser.add_argument("--no-quantize-head", action="store_true",
                         help="with --quantize: keep the LM head (vocabulary projection) in fp32")
+    parser.add_argument("--quant-method", choices=("default", "rtn", "k_quant", "hqq"), default="default",
+                        help="with --quantize: ONNX Runtime's weight-only algorithm for what is quantized: default "
+                             "(min/max round to nearest per block), rtn (with clipping), k_quant (searches each "
+                             "block's scale and minimum, as llama.cpp does) or hqq (half-quadratic); the last three "
+                             "are 4-bit only. bench_precision compares them with fp32")
     parser.add_argument("--requantize-gguf", action="store_true",
                         help="with --quantize and a GGUF base: quantize the de-quantized weights again instead of "
                              "carrying the GGUF's own Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks (the default, which keeps "
@@ -81,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                  candidates=args.candidates, budget=args.budget, backend=args.backend, full_logits=args.full_logits,
                  slim=not args.no_slim, force=args.force, quantize=args.quantize, block_size=args.block_size,
                  quantize_head=not args.no_quantize_head, quant_activations=args.quant_activations,
-                 gguf_blocks=not args.requantize_gguf,
+                 gguf_blocks=not args.requantize_gguf, quant_method=args.quant_method,
                  kv_dtype=args.kv_dtype, pruning=args.pruning, full_draft_vocab=args.full_draft_vocab)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 2 ** 20
     console = Console(stderr=True)
