@@ -219,13 +219,12 @@ def _sha256_file(path: Path, digest: Optional["hashlib._Hash"] = None) -> "hashl
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    # A small cache file: losing it is harmless, a half-written one is not, so write a
-    # temp file and rename; a read-only folder simply goes without the cache.
+    # A small cache file: losing it is harmless, a half-written one is not (files.py
+    # writes atomically); a read-only folder simply goes without the cache.
+    from streamspec.files import write_json
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_json(path, data, indent=1)
     except OSError:
         pass
 

@@ -40,5 +40,6 @@ def read_json_file(path: Union[str, os.PathLike], *, missing: str, corrupt: str,
     if not isinstance(data, dict) or (fmt is not None and data.get("format") != fmt):
         raise StreamspecError(wrong_format or corrupt)
     if version is not None and data.get(version_key) != version:
-        raise StreamspecError(wrong_version.replace("{found}", str(data.get(version_key))))
+        # json.dumps: a hand-edited "1" (a string) reads as "1", not as the number 1
+        raise StreamspecError(wrong_version.replace("{found}", json.dumps(data.get(version_key))))
     return data

@@ -775,8 +775,10 @@ def _version(distribution: str) -> Optional[str]:
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
-    try:
-        path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    from streamspec.files import write_text
+
+    try:  # atomic: a failed write leaves an earlier report as it was
+        write_text(path, json.dumps(report, indent=1) + "\n")
     except OSError as error:
         raise StreamspecError(f"The report cannot be written to {path} ({error.strerror}).") from None
 

@@ -191,8 +191,10 @@ def _measure(engine, prompts: list[list[int]], reference: list[list[int]], budge
 
 def write_choice(folder: Path, report: dict[str, Any]) -> None:
     """Store the choice in streamspec.json's `tree` (what `Engine` uses by default)."""
+    from streamspec.runtime.folder import read_folder
+
     path = Path(folder) / "streamspec.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = dict(read_folder(folder).raw)  # validated: a hand-edited file is refused, not rewritten
     choice = report["choice"]
     tree = config.setdefault("tree", {})
     tree["budget"] = int(choice["budget"])

@@ -10,6 +10,8 @@ import argparse
 import os
 from pathlib import Path
 
+from streamspec.tools.commands.arguments import integer, output_file, threads
+
 from streamspec.tools.bench import SYSTEMS  # stdlib-only at import time, so --help stays fast
 
 HELP = ("Benchmark streamspec (speculative and autoregressive) against optimum, transformers (greedy and "
@@ -27,28 +29,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domains", default=None, metavar="LIST",
                         help="comma-separated domains of the prompts to run (default: all); figures are printed per "
                              "domain and as their mean")
-    parser.add_argument("--num-prompts", type=int, default=None, metavar="N",
+    parser.add_argument("--num-prompts", type=integer(1), default=None, metavar="N",
                         help="use the first N prompts of each domain; when omitted, 8 of the built-in prompts or "
                              "all of a --prompts file")
-    parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N",
+    parser.add_argument("--max-new-tokens", type=integer(1), default=96, metavar="N",
                         help="the most tokens each generation makes")
-    parser.add_argument("--repeats", type=int, default=3, metavar="N",
+    parser.add_argument("--repeats", type=integer(1), default=3, metavar="N",
                         help="timed runs of every prompt on every system; the median per prompt is reported")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N",
+    parser.add_argument("--threads", type=threads, default=os.cpu_count() or 1, metavar="N",
                         help="threads for ONNX Runtime (intra-op) and PyTorch alike; the default is all cores")
     parser.add_argument("--only", action="append", default=None, metavar="SYSTEMS",
                         help=f"comma-separated systems to run (repeatable); choose from {', '.join(SYSTEMS)} "
                              "; when omitted, all of them")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="generate max-new-tokens tokens everywhere, end-of-sequence tokens included")
-    parser.add_argument("--json", metavar="OUT", default="bench.json", help="where to write the JSON report")
+    parser.add_argument("--json", metavar="OUT", type=output_file, default="bench.json", help="where to write the JSON report")
     parser.add_argument("--hf-model", metavar="FOLDER", default=None,
                         help="the Hugging Face folder of the same weights for the PyTorch, optimum and genai systems "
                              "; when omitted, the base model the folder was exported from")
     parser.add_argument("--genai-model", metavar="FOLDER", default=None,
                         help="a folder made by onnxruntime-genai's model builder; when omitted, one is built once "
                              "into the cache")
-    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, metavar="N",
+    parser.add_argument("--prompt-lookup-tokens", type=integer(1), default=10, metavar="N",
                         help="prompt_lookup_num_tokens for the prompt-lookup system")
     parser.add_argument("--baseline", choices=SYSTEMS, default="optimum",
                         help="the system the speed ratios are relative to")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from streamspec.tools.commands.arguments import integer, seed, threads
+
 HELP = ("Self-distillation: write the base model's greedy answers to prompts as JSONL for "
         "`streamspec train` (continuous batching, resumable).")
 
@@ -19,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt files, one {\"id\", \"messages\": [...], \"split\", \"domain\"} object per "
                              "line; without it (and without --self-prompts), prompts are harvested from the "
                              "Python standard library's source into OUT's folder first")
-    parser.add_argument("--self-prompts", type=int, default=0, metavar="N",
+    parser.add_argument("--self-prompts", type=integer(0), default=0, metavar="N",
                         help="first let the base model write N prompts of its own, spread evenly over the "
                              "model-written domains of --domains (kept in OUT.prompts/self.jsonl; resumable)")
     parser.add_argument("--domains", default="all", metavar="LIST",
@@ -27,20 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              + ", ".join(f"{name} ({spec['what']})" for name, spec in DOMAINS.items())
                              + ", and stdlib (the standard library's source, harvested); 'all' (default): "
                              + ",".join(ALL_DOMAINS))
-    parser.add_argument("--stdlib-prompts", type=int, default=None, metavar="M",
+    parser.add_argument("--stdlib-prompts", type=integer(1), default=None, metavar="M",
                         help="with --self-prompts and the stdlib domain: harvest M standard-library prompts "
                              "(default: the same share as each model-written domain)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the self-written prompts")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the self-written prompts")
     parser.add_argument("--out", required=True, metavar="D.jsonl",
                         help="output JSONL (appended to: prompts already answered there are skipped); the "
                              "mix of domains and splits is recorded next to it in D.mix.json")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
-    parser.add_argument("--batch-size", type=int, default=48,
+    parser.add_argument("--max-new-tokens", type=integer(1), default=128, help="longest answer, in tokens")
+    parser.add_argument("--batch-size", type=integer(1), default=48,
                         help="sequences decoded together (continuous batching: a finished answer's slot "
                              "takes the next prompt at once)")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=integer(1), default=None,
                         help="at most this many prompts (per prompts file; in all when harvesting)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for torch")
+    parser.add_argument("--threads", type=threads, default=os.cpu_count() or 1, help="CPU threads for torch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

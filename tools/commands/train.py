@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from streamspec.tools.commands.arguments import integer, real, seed, threads
+
 HELP = ("Train speculative streams (and the early-exit pruning adapter) on distilled answers; "
         "resumable, prints per-stream held-out accuracy and greedy tokens per pass.")
 
@@ -36,43 +38,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--mode", choices=("lossless", "shared"), default="lossless",
                        help="lossless: base frozen, adapters on stream rows only (output identical to the "
                             "base model); shared: adapters on all rows of the MSA layers")
-    model.add_argument("--streams", type=int, default=3, help="γ: speculative streams (tokens drafted per pass)")
-    model.add_argument("--msa-layers", type=int, default=10, help="N_s: top layers made multi-stream")
-    model.add_argument("--lora-rank", type=int, default=32, help="rank of the LoRA adapters in the MSA layers")
-    model.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator (scale = alpha/rank)")
-    model.add_argument("--exit-rank", type=int, default=8, help="rank of the early-exit pruning adapter")
+    model.add_argument("--streams", type=integer(1, 64), default=3, help="γ: speculative streams (tokens drafted per pass)")
+    model.add_argument("--msa-layers", type=integer(1), default=10, help="N_s: top layers made multi-stream")
+    model.add_argument("--lora-rank", type=integer(1), default=32, help="rank of the LoRA adapters in the MSA layers")
+    model.add_argument("--lora-alpha", type=real(0, low_open=True), default=32.0, help="LoRA scale numerator (scale = alpha/rank)")
+    model.add_argument("--exit-rank", type=integer(1), default=8, help="rank of the early-exit pruning adapter")
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--steps", type=int, default=1000, help="optimizer steps (may grow when resuming)")
-    opt.add_argument("--batch", type=int, default=4, help="windows per step (per process under torchrun)")
-    opt.add_argument("--window", type=int, default=64, help="answer positions per window")
-    opt.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    opt.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine decay to lr/10")
-    opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    opt.add_argument("--clip", type=float, default=1.0, help="gradient norm limit (0: none)")
-    opt.add_argument("--main-weight", type=float, default=1.0, help="α0, main-stream loss weight (shared mode)")
-    opt.add_argument("--stream-weight", type=float, default=0.1, help="α_j, loss weight of each stream")
-    opt.add_argument("--exit-weight", type=float, default=0.1, help="loss weight of the early-exit adapter")
-    opt.add_argument("--max-length", type=int, default=1024, help="skip records longer than this (tokens)")
-    opt.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    opt.add_argument("--steps", type=integer(1), default=1000, help="optimizer steps (may grow when resuming)")
+    opt.add_argument("--batch", type=integer(1), default=4, help="windows per step (per process under torchrun)")
+    opt.add_argument("--window", type=integer(1), default=64, help="answer positions per window")
+    opt.add_argument("--lr", type=real(0, low_open=True), default=1e-3, help="peak AdamW learning rate")
+    opt.add_argument("--warmup", type=integer(0), default=50, help="linear warm-up steps, then cosine decay to lr/10")
+    opt.add_argument("--weight-decay", type=real(0), default=0.0, help="AdamW weight decay")
+    opt.add_argument("--clip", type=real(0), default=1.0, help="gradient norm limit (0: none)")
+    opt.add_argument("--main-weight", type=real(0), default=1.0, help="α0, main-stream loss weight (shared mode)")
+    opt.add_argument("--stream-weight", type=real(0), default=0.1, help="α_j, loss weight of each stream")
+    opt.add_argument("--exit-weight", type=real(0), default=0.1, help="loss weight of the early-exit adapter")
+    opt.add_argument("--max-length", type=integer(1), default=1024, help="skip records longer than this (tokens)")
+    opt.add_argument("--seed", type=seed, default=0, help="seed of initialisation and data order")
 
     run = parser.add_argument_group("evaluation and running")
-    run.add_argument("--eval-every", type=int, default=100, help="held-out evaluation (and best save) every N steps")
-    run.add_argument("--eval-records", type=int, default=32,
+    run.add_argument("--eval-every", type=integer(1), default=100, help="held-out evaluation (and best save) every N steps")
+    run.add_argument("--eval-records", type=integer(1), default=32,
                      help="held-out records per domain in each evaluation (figures per domain and their mean)")
-    run.add_argument("--save-every", type=int, default=50, help="save last/ (resume point) every N steps")
+    run.add_argument("--save-every", type=integer(1), default=50, help="save last/ (resume point) every N steps")
     run.add_argument("--budgets", type=_budgets, default=(1, 4, 8, 16, 32, 64),
                      help="tree budgets (draft nodes) for the greedy tokens-per-pass metric, comma-separated")
-    run.add_argument("--stop-at", type=int, default=None,
+    run.add_argument("--stop-at", type=integer(1), default=None,
                      help="pause after this step; run the same command again to resume")
     run.add_argument("--path", choices=("auto", "cached", "plain"), default="auto",
                      help="cached: stream rows only over the frozen main rows' cached keys/values "
                           "(lossless, fastest); plain: full MSA pass with gradient; auto picks")
-    model.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+    model.add_argument("--draft-vocab", type=integer(0), default=0, metavar="N",
                        help="train and deploy the stream rows and the exit head over a reduced drafting vocabulary: "
                             "the N most frequent training-answer tokens (stored in the checkpoint; the export scores "
                             "only those, verification keeps the whole vocabulary; 0: the whole vocabulary)")
-    run.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for torch")
+    run.add_argument("--threads", type=threads, default=os.cpu_count() or 1, help="CPU threads for torch")
     run.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda:LOCAL_RANK under torchrun)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (evaluations still print)")
 

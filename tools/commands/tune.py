@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from streamspec.tools.commands.arguments import integer, output_file, threads
+
 HELP = ("Measure the step-latency curve and the acceptance of several tree budgets (and prompt lookup) on "
         "this device, and write the setting with the most expected tokens/s into the folder.")
 
@@ -17,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domains", default=None, metavar="LIST",
                         help="comma-separated domains of the prompts to use (default: all); tokens per pass is "
                              "reported per domain")
-    parser.add_argument("--num-prompts", type=int, default=8, metavar="N", help="prompts per domain")
-    parser.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="tokens per generation")
+    parser.add_argument("--num-prompts", type=integer(1), default=8, metavar="N", help="prompts per domain")
+    parser.add_argument("--max-new-tokens", type=integer(1), default=96, metavar="N", help="tokens per generation")
     parser.add_argument("--budgets", default=",".join(map(str, _budgets())), metavar="B,B,...",
                         help="tree budgets (draft nodes) to try")
     parser.add_argument("--lookup", default="0", metavar="N,N,...",
@@ -26,10 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune", default=None, metavar="T,T,...",
                         help="tree-pruning thresholds to try beside no pruning (default on a folder exported with "
                              "--pruning: 0.05,0.1,0.2; 0: none)")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=threads, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per point of the latency curve")
-    parser.add_argument("--json", metavar="OUT", default="tune.json", help="where to write every figure")
+    parser.add_argument("--repeats", type=integer(1), default=5, help="timed steps per point of the latency curve")
+    parser.add_argument("--json", metavar="OUT", type=output_file, default="tune.json", help="where to write every figure")
     parser.add_argument("--dry-run", action="store_true", help="measure and print, but leave the folder unchanged")
 
 
@@ -131,6 +133,6 @@ def _ints(text: str, name: str, minimum: int) -> list[int]:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise StreamspecError(f"{name} must be comma-separated integers, got {text!r}.") from None
-    if not values or min(values) < minimum:
-        raise StreamspecError(f"{name} needs integers >= {minimum}, got {text!r}.")
+    if not values or min(values) < minimum or max(values) > 4096:
+        raise StreamspecError(f"{name} needs integers from {minimum} to 4096, got {text!r}.")
     return values
