@@ -76,30 +76,26 @@ def checkpoint_hash(folder: Path) -> str:
 
 def load_source(spec: Union[str, os.PathLike]) -> tuple[Transformer, Path, Path, dict[str, str]]:
     """(model, folder with the tokenizer, base model folder, source description) for an
-    export spec."""
-    from streamspec.models import errors as model_errors
-
+    export spec. Bad input raises `StreamspecError` (one class for every part,
+    streamspec/errors.py), which passes through to the caller as it is."""
     path = Path(spec).expanduser()
-    try:
-        if path.is_dir() and (path / CONFIG_FILE).is_file():
-            if (path / MODEL_FILE).is_file():
-                raise StreamspecError(f"{path} is already an exported folder; pass a checkpoint or a base model.")
-            from streamspec.models.checkpoint import load_checkpoint
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        if (path / MODEL_FILE).is_file():
+            raise StreamspecError(f"{path} is already an exported folder; pass a checkpoint or a base model.")
+        from streamspec.models.checkpoint import load_checkpoint
 
-            model, info = load_checkpoint(path)
-            # The checkpoint description's hash (it holds the weights' and vocabulary's
-            # hashes) tells a cached export of an older checkpoint apart.
-            source = {"kind": "checkpoint", "name": str(path.resolve()), "sha256": checkpoint_hash(path)}
-            if info.deploy:
-                source["deploy"] = info.deploy
-            return model.eval(), info.tokenizer_folder, info.base_folder, source
-        from streamspec.models.loading import resolve_base
-        from streamspec.models.model import build_model
+        model, info = load_checkpoint(path)
+        # The checkpoint description's hash (it holds the weights' and vocabulary's
+        # hashes) tells a cached export of an older checkpoint apart.
+        source = {"kind": "checkpoint", "name": str(path.resolve()), "sha256": checkpoint_hash(path)}
+        if info.deploy:
+            source["deploy"] = info.deploy
+        return model.eval(), info.tokenizer_folder, info.base_folder, source
+    from streamspec.models.loading import resolve_base
+    from streamspec.models.model import build_model
 
-        base = resolve_base(spec)
-        return build_model(base), base, base, {"kind": "base", "name": str(spec)}
-    except model_errors.StreamspecError as error:  # the models package has its own class
-        raise StreamspecError(str(error)) from None
+    base = resolve_base(spec)
+    return build_model(base), base, base, {"kind": "base", "name": str(spec)}
 
 
 def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], *,
