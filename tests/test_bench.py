@@ -151,3 +151,17 @@ def test_bad_input_is_one_sentence(tiny, tmp_path, capsys, extra, message):
 def test_missing_folder(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "nowhere"), "--only", "streamspec-ar"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_other_benchmarks_are_bench_subcommands(capsys):
+    """`streamspec bench precision|pruning|attention|distill` are commands of their own;
+    `python -m streamspec.tools.bench_<kind>` runs the same command."""
+    from streamspec.tools import bench_pruning, cli
+
+    assert cli.join_command(["bench", "pruning", "DIR", "--repeats", "2"]) == ["bench pruning", "DIR", "--repeats", "2"]
+    assert cli.join_command(["bench", "DIR"]) == ["bench", "DIR"]
+    assert bench_pruning.main(["DIR", "--prune", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("streamspec bench pruning: --prune must be a number in (0, 1)") and err.count("\n") == 1
+    assert main(["bench", "attention", "--trees", "0"]) == 1
+    assert "--trees must be between 1 and 4096, got 0" in capsys.readouterr().err

@@ -1,2 +1,3 @@
 """The `streamspec` command line (`cli.py`, one module per command in `commands/`),
-benchmarks (`bench.py`, `bench_attention.py`) and the profiler (`profiler/`)."""
+benchmarks (`bench*.py`, `tune.py`) on one measuring harness (`harness.py`) and the
+profiler (`profiler/`)."""

@@ -12,9 +12,10 @@ and the same `max_new_tokens` and end-of-sequence rule for every system:
 
 Each system is an adapter with `generate(prompt_ids, max_new_tokens) -> (ids, passes)`.
 Every system loads once and runs one warm-up generation; then each repeat runs every
-prompt on every system in turn (A B C D A B C D ...), so drifting machine load hits all
-systems alike. Tokens/s is new tokens over the wall time of the whole generate call
-(prefill included), the median of the repeats per prompt, then the mean over prompts.
+prompt on every system in turn, the order reversed on alternate turns (A B C D, D C B A,
+...: `tools/harness.py`), so drifting machine load hits all systems alike. Tokens/s is
+new tokens over the wall time of the whole generate call (prefill included), the median
+of the repeats per prompt, then the mean over prompts.
 
 Heavy imports (torch, transformers, optimum, onnxruntime-genai) happen inside the
 adapters, so `streamspec bench --help` stays fast.
@@ -23,9 +24,7 @@ adapters, so `streamspec bench --help` stays fast.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import gc
 import importlib.util
 import json
 import os
@@ -35,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -43,104 +41,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 from streamspec.errors import StreamspecError
+from streamspec.tools.harness import (  # noqa: F401 (load_prompts, tokenize_prompts, write_report: bench's API too)
+    Arm, MemorySampler, Output, Run, fmt, load_prompts, measure, median_tokens_per_second, tokenize_prompts,
+    write_report)
+from streamspec.tools.harness import progress as progress_display
 
 if TYPE_CHECKING:
     from streamspec.runtime.folder import DeployConfig
 
-DEFAULT_NUM_PROMPTS = 8
-MIB = 1 << 20
-
-
-# ------------------------------------------------------------------------------ prompts
-@dataclass
-class BenchPrompt:
-    id: str
-    messages: Optional[list[dict[str, Any]]] = None  # chat messages, or
-    text: Optional[str] = None  # a plain prompt (sent as a user message when there is a chat template)
-    domain: str = ""  # the kind of request ("" in a file that names none)
-
-
-def default_prompts_file() -> Optional[Path]:
-    """The default model's held-out prompts of every domain (models/default/data), if installed."""
-    path = Path(__file__).resolve().parent.parent / "models" / "default" / "data" / "heldout-prompts.jsonl"
-    return path if path.is_file() else None
-
-
-def load_prompts(path: Optional[Path], limit: Optional[int], domains: Optional[Sequence[str]] = None,
-                 skip: int = 0) -> list[BenchPrompt]:
-    """Prompts of a JSONL file, or by default the held-out prompts the default model's
-    streams were not trained on (every domain; the standard-library harvest's held-out
-    split where that file is not installed).
-
-    Per domain, the first `skip` prompts are left out (tune measures on the ones after
-    bench's) and the next `limit` are kept (`DEFAULT_NUM_PROMPTS` by default for the
-    built-in prompts, all of a file's). `domains` keeps only those domains, in file order."""
-    if limit is not None and limit < 1:
-        raise StreamspecError(f"--num-prompts must be at least 1, got {limit}.")
-    if path is None:
-        path = default_prompts_file()
-        limit = limit or DEFAULT_NUM_PROMPTS
-    if path is None:
-        from streamspec.models.prompts import collect_prompts
-
-        # The whole harvest (not collect_prompts' `limit` mode, which samples files) keeps
-        # the held-out split and its order fixed for a given Python.
-        prompts = [BenchPrompt(r["id"], messages=r["messages"], domain="stdlib")
-                   for r in collect_prompts() if r["split"] == "heldout"]
-    else:
-        prompts = _read_prompt_file(Path(path))
-    if domains:
-        known = sorted({p.domain for p in prompts})
-        missing = [d for d in domains if d not in known]
-        if missing:
-            raise StreamspecError(f"The prompts hold no domain {missing[0]!r}; they hold "
-                                  f"{', '.join(repr(d) for d in known)}.")
-        prompts = [p for p in prompts if p.domain in domains]
-    taken: dict[str, int] = {}
-    kept = []
-    for prompt in prompts:
-        seen = taken.get(prompt.domain, 0)
-        taken[prompt.domain] = seen + 1
-        if seen >= skip and (limit is None or seen < skip + limit):
-            kept.append(prompt)
-    if not kept:
-        raise StreamspecError(f"{path} holds no prompts after the first {skip} of each domain.")
-    return kept
-
-
-def _read_prompt_file(path: Path) -> list[BenchPrompt]:
-    if not path.is_file():
-        raise StreamspecError(f"The prompts file {path} does not exist.")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        raise StreamspecError(f"The prompts file {path} cannot be read as UTF-8 text.") from None
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise StreamspecError(f"Line {number} of {path} is not valid JSON.") from None
-        messages = record.get("messages") if isinstance(record, dict) else None
-        text = record.get("prompt") if isinstance(record, dict) else None
-        good_messages = (isinstance(messages, list) and messages
-                         and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages))
-        if not good_messages and not (isinstance(text, str) and text):
-            raise StreamspecError(f"Line {number} of {path} has neither a \"messages\" list of "
-                                  "{\"role\", \"content\"} objects nor a non-empty \"prompt\" string.")
-        domain = record.get("domain", "")
-        if not isinstance(domain, str):
-            raise StreamspecError(f"Line {number} of {path} has a \"domain\" that is not a string.")
-        prompt_id = str(record.get("id", f"{path.name}:{number}"))
-        prompts.append(BenchPrompt(prompt_id, messages=messages if good_messages else None,
-                                   text=None if good_messages else text, domain=domain))
-    if not prompts:
-        raise StreamspecError(f"The prompts file {path} holds no prompts.")
-    return prompts
-
-
+# ------------------------------------------------------------------------------ per domain
 def domain_summary(report: dict[str, Any], domains: Sequence[str], speculative: str = "streamspec",
                    autoregressive: str = "streamspec-ar") -> list[dict[str, Any]]:
     """Per domain (in first-seen order), then "mean" (every domain weighing the same):
@@ -188,24 +97,6 @@ def render_domains(rows: list[dict[str, Any]]):
                       f"{row['speedup']:.2f}×",
                       f"[green]{same}[/]" if row["identical"] == row["prompts"] else f"[red]{same}[/]")
     return table
-
-
-def tokenize_prompts(folder: Path, prompts: Sequence[BenchPrompt]) -> list[list[int]]:
-    """Prompt token ids through the exported folder's tokenizer and chat template: the
-    one tokenisation every system gets."""
-    from streamspec.runtime.folder import read_folder
-    from streamspec.runtime.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer(read_folder(folder))
-    ids = []
-    for prompt in prompts:
-        if prompt.messages is not None:
-            ids.append(tokenizer.encode_chat(prompt.messages))
-        elif tokenizer.template_source is not None:
-            ids.append(tokenizer.encode_chat([{"role": "user", "content": prompt.text}]))
-        else:
-            ids.append(tokenizer.encode(prompt.text))
-    return ids
 
 
 # ------------------------------------------------------------------------------ settings
@@ -569,56 +460,7 @@ def _quiet() -> Iterator[None]:
         os.close(devnull)
 
 
-# ------------------------------------------------------------------------------ memory
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _release_freed_memory() -> None:
-    # Collect garbage and hand freed heap pages back to the OS (glibc), so that the next
-    # system's baseline is not lowered by memory an earlier one freed but still held.
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakRSS:
-    """The highest resident set size of this process while the block runs, sampled every
-    `interval` seconds by a thread (plus once at each end)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss())
-
-    def __enter__(self) -> "PeakRSS":
-        self.peak = _rss()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
 # ------------------------------------------------------------------------------ the run
-@dataclass
-class Run:
-    ids: list[int]
-    passes: int
-    seconds: float
-
-
 @dataclass
 class SystemState:
     adapter: Adapter
@@ -642,28 +484,23 @@ def run_bench(settings: BenchSettings, prompt_ids: list[list[int]], systems: Seq
             state.note = "no Hugging Face folder of these weights was given"
         else:
             state.note = state.adapter.unavailable()
-    with _progress(progress) as show:
+    with progress_display(progress) as show:
         # Warm up on the longest prompt: it allocates the most, so the memory peak is its.
         longest = max(prompt_ids, key=len)
         for state in (s for s in states if s.note is None):
             show(f"setting up {state.adapter.name}")
             _set_up(state, longest, max_new_tokens)
         active = [s for s in states if s.note is None]
-        for state in active:
-            state.runs = [[] for _ in prompt_ids]
-        total = repeats * len(prompt_ids) * len(active)
-        done = 0
-        for repeat in range(repeats):
-            for p, ids in enumerate(prompt_ids):
-                for state in active:  # A B C D A B C D ...: load drift hits every system alike
-                    show(f"repeat {repeat + 1}/{repeats}, prompt {p + 1}/{len(prompt_ids)}: {state.adapter.name}",
-                         done, total)
-                    start = time.perf_counter()
-                    new, passes = state.adapter.generate(list(ids), max_new_tokens)
-                    state.runs[p].append(Run(list(new), int(passes), time.perf_counter() - start))
-                    done += 1
+        arms = [Arm(s.adapter.name, functools.partial(_generate, s.adapter, max_new_tokens)) for s in active]
+        measured = measure(arms, prompt_ids, repeats, show=show)
+    for state in active:
+        state.runs = measured.runs[state.adapter.name]
     return build_report(settings, prompt_ids, states, max_new_tokens, repeats, baseline,
                         list(prompt_names) if prompt_names else [str(i) for i in range(len(prompt_ids))])
+
+
+def _generate(adapter: Adapter, max_new_tokens: int, prompt_ids: list[int]) -> Output:
+    return Output(*adapter.generate(prompt_ids, max_new_tokens))
 
 
 def _set_up(state: SystemState, warm_up_ids: list[int], max_new_tokens: int) -> None:
@@ -678,10 +515,8 @@ def _set_up(state: SystemState, warm_up_ids: list[int], max_new_tokens: int) -> 
     except Exception as error:  # a failed export or build skips the system, with the reason
         state.note = f"could not be prepared: {_sentence(error)}"
         return
-    _release_freed_memory()
-    before = _rss()
     try:
-        with PeakRSS() as peak:
+        with MemorySampler(release=True) as memory:
             state.adapter.load()
             state.adapter.generate(list(warm_up_ids), max_new_tokens)
     except StreamspecError:
@@ -689,8 +524,7 @@ def _set_up(state: SystemState, warm_up_ids: list[int], max_new_tokens: int) -> 
     except Exception as error:
         state.note = f"could not be loaded: {_sentence(error)}"
         return
-    state.peak_mib = (peak.peak - before) / MIB
-    state.resident_mib = (_rss() - before) / MIB
+    state.peak_mib, state.resident_mib = memory.peak_growth_mib, memory.resident_growth_mib
 
 
 def _sentence(error: BaseException) -> str:
@@ -747,7 +581,7 @@ def _summary(state: SystemState, reference_ids: Optional[list[list[int]]]) -> di
         per_prompt.append({
             "new_tokens": len(first.ids), "forward_passes": first.passes,
             "seconds": [r.seconds for r in runs],
-            "tokens_per_second": statistics.median(len(r.ids) / r.seconds for r in runs),
+            "tokens_per_second": median_tokens_per_second(runs),
             # Greedy decoding must give the same ids every repeat; False flags a problem.
             "stable": all(r.ids == first.ids for r in runs),
             "equal_to_reference": equal, "token_ids": first.ids})
@@ -772,15 +606,6 @@ def _version(distribution: str) -> Optional[str]:
         return version(distribution)
     except PackageNotFoundError:
         return None
-
-
-def write_report(report: dict[str, Any], path: Path) -> None:
-    from streamspec.files import write_text
-
-    try:  # atomic: a failed write leaves an earlier report as it was
-        write_text(path, json.dumps(report, indent=1) + "\n")
-    except OSError as error:
-        raise StreamspecError(f"The report cannot be written to {path} ({error.strerror}).") from None
 
 
 def render_table(report: dict[str, Any]):
@@ -808,9 +633,9 @@ def render_table(report: dict[str, Any]):
         equal = "n/a" if row["equal_prompts"] is None else f"{row['equal_prompts']}/{row['prompts']}"
         if row["equal_prompts"] is not None:
             equal = f"[green]{equal}[/]" if row["equal_prompts"] == row["prompts"] else f"[red]{equal}[/]"
-        table.add_row(row["label"], f"{row['tokens_per_second']:.1f}", _fmt(row["ratio_to_baseline"], "{:.2f}×"),
-                      _fmt(row["tokens_per_pass"], "{:.2f}"), _fmt(row["passes_per_token"], "{:.3f}"),
-                      _fmt(row["peak_rss_mib"], "{:.0f}"), equal)
+        table.add_row(row["label"], f"{row['tokens_per_second']:.1f}", fmt(row["ratio_to_baseline"], "{:.2f}×"),
+                      fmt(row["tokens_per_pass"], "{:.2f}"), fmt(row["passes_per_token"], "{:.3f}"),
+                      fmt(row["peak_rss_mib"], "{:.0f}"), equal)
     return table
 
 
@@ -821,23 +646,3 @@ def row_notes(report: dict[str, Any]) -> list[str]:
 
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
-
-
-def _fmt(value: Optional[float], pattern: str) -> str:
-    return "n/a" if value is None else pattern.format(value)
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[..., None]]:
-    """A one-line rich progress display on stderr; yields `show(description, done, total)`."""
-    if not enabled:
-        yield lambda *args: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("starting", total=None)
-        yield lambda description, done=None, total=None: bar.update(task, description=description,
-                                                                    completed=done, total=total)

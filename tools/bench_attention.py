@@ -2,34 +2,36 @@
 against `portable` (GroupQueryAttention + tree bias): whole steps, and the attention op
 alone per layer kind.
 
-    python -m streamspec.tools.bench_attention                   # SmolLM2 with 3 streams, CPU
-    python -m streamspec.tools.bench_attention --model tiny      # a quick check
-    python -m streamspec.tools.bench_attention --provider cuda   # GPU (tools/gpu_check.sh runs it)
+    streamspec bench attention                   # SmolLM2 with 3 streams, CPU
+    streamspec bench attention --model tiny      # a quick check
+    streamspec bench attention --provider cuda   # GPU (tools/gpu_check.sh runs it)
+
+(`python -m streamspec.tools.bench_attention ...` runs the same command.)
 
 The model is exported once per backend into <cache>/bench/attention/ (the weights are
 the base model's plus randomly initialised stream adapters: latency does not depend on
 their values). One step = one `StepSession.run` of a random tree of T nodes, every node
 with its γ stream rows and its outputs (what the engine runs while drafting), over a
 cache of P committed rows. Both backends are loaded side by side; after a warm-up each
-repeat runs them in turn, alternating which goes first, so that drifting machine load
-hits both alike; the medians of the repeats are reported, and the speed-up is the median
+repeat runs them in turn, alternating which goes first (`harness.time_steps`), so that
+drifting machine load hits both alike; the medians of the repeats are reported, and the speed-up is the median
 of the per-repeat ratios (two steps run back to back), which drifting load disturbs least.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
 from streamspec.errors import StreamspecError, first_line
+from streamspec.tools.cli import bench_main
+from streamspec.tools.harness import time_steps
 
 BACKENDS = ("portable", "custom")
 TREE_SIZES = (1, 8, 16, 32, 64)
@@ -37,27 +39,6 @@ PAST_LENGTHS = (128, 1024, 4096)
 NUM_STREAMS = 3
 # (query heads, kv heads, head_dim) of the benchmarked models.
 HEADS = {"smollm2": (9, 3, 64), "tiny": (4, 2, 16)}
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m streamspec.tools.bench_attention", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
-                        help="smollm2: the embedded SmolLM2-135M; tiny: a 4-layer random model (quick check)")
-    parser.add_argument("--trees", type=int, nargs="+", default=list(TREE_SIZES), metavar="T")
-    parser.add_argument("--pasts", type=int, nargs="+", default=list(PAST_LENGTHS), metavar="P")
-    parser.add_argument("--repeats", type=int, default=20, help="timed steps per backend and configuration")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per backend and configuration")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
-    parser.add_argument("--json", default="bench_attention.json", help="where to write the JSON report")
-    parser.add_argument("--force-export", action="store_true", help="export again even when cached")
-    parser.add_argument("--tables", nargs="+", choices=("steps", "ops"), default=["steps", "ops"],
-                        help="steps: whole step graphs; ops: the attention op alone, per layer kind")
-    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
-                        help="execution provider (cuda: onnxruntime-gpu and `streamspec build-ops --cuda`)")
-    parser.add_argument("--op-dtype", choices=("float32", "float16"), default=None,
-                        help="element type of the op table (default: float16 on cuda, float32 on cpu)")
-    return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------ folders
@@ -235,22 +216,11 @@ def measure(sessions: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int,
             repeats: int) -> tuple[dict[str, float], Optional[float]]:
     """Median step milliseconds per backend, the backends interleaved, and the median
     of the per-repeat ratios portable / custom (each ratio compares two steps run back
-    to back, so load that drifts between repeats cancels out).
-
-    Each turn runs one untimed step first: after a run, ONNX Runtime's worker threads
-    spin for a while waiting for more work, and the other session's threads spinning
-    would otherwise steal the cores from the timed step."""
-    for session in sessions.values():
-        for _ in range(warmup):
-            session.run(feeds)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    order = list(sessions)
-    for repeat in range(repeats):
-        for name in (order if repeat % 2 == 0 else order[::-1]):
-            sessions[name].run(feeds)
-            start = time.perf_counter()
-            sessions[name].run(feeds)
-            times[name].append(time.perf_counter() - start)
+    to back, so load that drifts between repeats cancels out). Each timed step follows
+    an untimed one of the same session (`time_steps(settle=True)`): ops this short would
+    otherwise share the cores with the other session's spinning threads."""
+    times = time_steps({name: lambda s=session: s.run(feeds) for name, session in sessions.items()}, repeats,
+                       warmup=warmup, settle=True)
     medians = {name: 1000 * statistics.median(values) for name, values in times.items()}
     if "portable" not in times:
         return medians, None
@@ -258,7 +228,7 @@ def measure(sessions: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int,
     return medians, ratio
 
 
-def step_table(folders: dict[str, Path], args: argparse.Namespace, max_length: int, console: Any) -> list[dict]:
+def step_table(folders: dict[str, Path], args: Any, max_length: int, console: Any) -> list[dict]:
     """Whole step graphs of both backends, side by side: one row per (past, tree)."""
     from streamspec.runtime.folder import read_folder
     from streamspec.runtime.session import StepSession
@@ -281,7 +251,7 @@ def step_table(folders: dict[str, Path], args: argparse.Namespace, max_length: i
     return rows
 
 
-def op_table(args: argparse.Namespace, max_length: int, console: Any) -> list[dict]:
+def op_table(args: Any, max_length: int, console: Any) -> list[dict]:
     """The attention op alone with the model's head shapes: one row per (past, tree, layer
     kind), lower layers with the tree's rows, MSA layers with its stream rows too. Needs
     neither torch nor an export (tools/gpu_check.sh runs it with onnxruntime-gpu alone)."""
@@ -333,14 +303,11 @@ def render(title: str, rows: list[dict], console: Any) -> None:
     console.print(table)
 
 
-def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
+def run(args: Any, console: Any) -> dict[str, Any]:
     """Both tables (or the chosen ones) as a JSON-ready report, printed as they complete."""
     import onnxruntime as ort
 
     from streamspec import custom_ops
-
-    if min(args.trees) < 1 or min(args.pasts) < 0 or args.repeats < 1 or args.warmup < 0:
-        raise StreamspecError("--trees and --repeats must be at least 1, --pasts and --warmup at least 0.")
 
     if args.provider == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -371,24 +338,7 @@ def run(args: argparse.Namespace, console: Any) -> dict[str, Any]:
     return report
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from rich.console import Console
-
-    from streamspec.custom_ops import CustomOpError
-    from streamspec.tools.bench import write_report
-
-    args = parse_args(argv)
-    args.op_dtype = args.op_dtype or ("float16" if args.provider == "cuda" else "float32")
-    console = Console()
-    try:
-        report = run(args, console)
-        write_report(report, Path(args.json))
-    except (StreamspecError, CustomOpError) as error:
-        print(f"bench_attention: {error}", file=sys.stderr)
-        return 1
-    console.print(f"Wrote {args.json}")
-    return 0
-
+main = bench_main("attention")  # python -m streamspec.tools.bench_attention ARGS: streamspec bench attention ARGS
 
 if __name__ == "__main__":
     sys.exit(main())

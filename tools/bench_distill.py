@@ -1,9 +1,11 @@
 """Distillation throughput: answers per hour of three ways to get greedy answers.
 
-    python -m streamspec.tools.bench_distill --prompts P.jsonl --num-prompts 32 --json distill-bench.json
+    streamspec bench distill --prompts P.jsonl --num-prompts 32 --json distill-bench.json
 
-On the same prompts, in one process, alternating the systems each round (A B C, then
-C B A) so that drifting machine load hits all alike:
+(`python -m streamspec.tools.bench_distill ...` runs the same command.) On the same
+prompts, in one process, alternating the systems each round (A B C, then C B A: the
+harness's loop with a round's prompts as one turn) so that drifting machine load hits
+all alike:
 
     one-at-a-time   transformers `generate`, one prompt per call (what a simple script does)
     padded-batch    transformers `generate` on left-padded batches (`--padded-batch` prompts)
@@ -18,14 +20,14 @@ top two logits; this command counts, the test suite checks).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 from streamspec.errors import StreamspecError
+from streamspec.tools.cli import bench_main
+from streamspec.tools.harness import Arm, Output, Turn, measure
 
 SYSTEMS = ("one-at-a-time", "padded-batch", "continuous")
 
@@ -56,9 +58,6 @@ def run(base: Optional[str], prompts_path: Path, num_prompts: int, rounds: int, 
     from streamspec.models.loading import load_base_model, load_tokenizer, resolve_base
     from streamspec.models.model import build_model
 
-    if min(num_prompts, rounds, max_new_tokens, padded_batch, slots, threads) < 1:
-        raise StreamspecError("--num-prompts, --rounds, --max-new-tokens, --padded-batch, --slots and --threads "
-                              "must be at least 1.")
     torch.set_num_threads(threads)
     folder = resolve_base(base)
     tokenizer = load_tokenizer(folder)
@@ -83,24 +82,22 @@ def run(base: Optional[str], prompts_path: Path, num_prompts: int, rounds: int, 
                                        for a in _hf_generate(hf, chunk[i:i + padded_batch], max_new_tokens, eos, pad)],
         "continuous": continuous,
     }
-    seconds = {name: 0.0 for name in SYSTEMS}
-    answers: dict[str, list[list[int]]] = {name: [] for name in SYSTEMS}
-    for r in range(rounds):
-        chunk = prompts[r * num_prompts:(r + 1) * num_prompts]
-        order = SYSTEMS if r % 2 == 0 else tuple(reversed(SYSTEMS))
-        for name in order:
-            say(f"round {r + 1}/{rounds}: {name} ({len(chunk)} prompts)")
-            start = time.perf_counter()
-            answers[name].extend(runners[name](chunk))
-            seconds[name] += time.perf_counter() - start
-    reference = answers["one-at-a-time"]
+    arms = [Arm(name, lambda chunk, answer=runners[name]: Output(answer(chunk))) for name in SYSTEMS]
+    rounds_of_prompts = [prompts[r * num_prompts:(r + 1) * num_prompts] for r in range(rounds)]
+
+    def show(turn: Turn) -> None:
+        say(f"round {turn.prompt + 1}/{rounds}: {turn.arm} ({len(rounds_of_prompts[turn.prompt])} prompts)")
+
+    measured = measure(arms, rounds_of_prompts, repeats=1, show=show)
+    reference = [a for run in measured.firsts(SYSTEMS[0]) for a in run.ids]
     rows = []
     for name in SYSTEMS:
-        tokens = sum(len(a) for a in answers[name])
-        rows.append({"system": name, "answers": len(answers[name]), "seconds": seconds[name],
-                     "answers_per_hour": 3600 * len(answers[name]) / seconds[name],
-                     "tokens_per_second": tokens / seconds[name],
-                     "equal_to_one_at_a_time": sum(a == b for a, b in zip(answers[name], reference))})
+        answers = [a for run in measured.firsts(name) for a in run.ids]
+        seconds = sum(run.seconds for run in measured.firsts(name))
+        tokens = sum(len(a) for a in answers)
+        rows.append({"system": name, "answers": len(answers), "seconds": seconds,
+                     "answers_per_hour": 3600 * len(answers) / seconds, "tokens_per_second": tokens / seconds,
+                     "equal_to_one_at_a_time": sum(a == b for a, b in zip(answers, reference))})
     base_rate = rows[0]["answers_per_hour"]
     for row in rows:
         row["speedup"] = row["answers_per_hour"] / base_rate
@@ -109,34 +106,7 @@ def run(base: Optional[str], prompts_path: Path, num_prompts: int, rounds: int, 
             "threads": threads, "systems": rows}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streamspec.tools.bench_distill", description=__doc__.split("\n")[0])
-    parser.add_argument("--base", default="default", help="base model (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--prompts", required=True, type=Path, help="a prompts file as `streamspec distill` reads")
-    parser.add_argument("--num-prompts", type=int, default=32, help="prompts per round")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds, each on new prompts, systems alternated")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer")
-    parser.add_argument("--padded-batch", type=int, default=16, help="prompts per padded transformers batch")
-    parser.add_argument("--slots", type=int, default=48, help="sequences decoded together by continuous batching")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--json", type=Path, default=Path("distill-bench.json"), help="where to write the report")
-    args = parser.parse_args(argv)
-    try:
-        report = run(args.base, args.prompts, args.num_prompts, args.rounds, args.max_new_tokens, args.padded_batch,
-                     args.slots, args.threads, say=lambda m: print(m, file=sys.stderr))
-        from streamspec.files import write_json
-
-        write_json(args.json, report)
-    except StreamspecError as error:
-        print(f"bench_distill: {error}", file=sys.stderr)
-        return 1
-    print(f"{'system':<15} {'answers/h':>10} {'tok/s':>7} {'speed-up':>8} {'same as one-at-a-time':>22}")
-    for row in report["systems"]:
-        print(f"{row['system']:<15} {row['answers_per_hour']:>10.0f} {row['tokens_per_second']:>7.1f} "
-              f"{row['speedup']:>7.2f}x {row['equal_to_one_at_a_time']:>14}/{row['answers']}")
-    print(f"report written to {args.json}")
-    return 0
-
+main = bench_main("distill")  # python -m streamspec.tools.bench_distill ARGS: streamspec bench distill ARGS
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,9 +4,11 @@ over the same precision's autoregressive decoding, token agreement with fp32 gre
 the check that speculative == autoregressive within each precision, weight and KV-cache
 bytes and peak RSS.
 
-    python -m streamspec.tools.bench_precision CKPT                  # exports fp32, int8, int4 once
-    python -m streamspec.tools.bench_precision CKPT --precisions fp32 int4 fp32+kv8 int4+kv4
-    python -m streamspec.tools.bench_precision fp32-dir int8-dir int4-dir    # takes exported folders
+    streamspec bench precision CKPT                  # exports fp32, int8, int4 once
+    streamspec bench precision CKPT --precisions fp32 int4 fp32+kv8 int4+kv4
+    streamspec bench precision fp32-dir int8-dir int4-dir    # takes exported folders
+
+(`python -m streamspec.tools.bench_precision ...` runs the same command.)
 
 One checkpoint or base model (anything `streamspec export` takes) is exported once per
 precision into --out-dir (default: <cache>/bench/precision/), and reused while its
@@ -16,10 +18,10 @@ as they are; their precision comes from their streamspec.json.
 Method: every precision is loaded into its own Engine (CPU, the fallback off so that
 the speculative rows measure speculation); the peak RSS is the growth of this process's
 resident memory while the engine loads and runs its warm-up. Then each repeat runs every
-prompt through every (precision, mode) in turn, the order reversed on odd repeats, so
-drifting machine load hits all alike; tok/s is new tokens over the wall time of the
-generate call, median of the repeats per prompt, mean over prompts. Greedy decoding,
-the same prompt ids and max_new_tokens everywhere.
+prompt through every (precision, mode) in turn, the order reversed on alternate turns
+(`tools/harness.py`), so drifting machine load hits all alike; tok/s is new tokens over
+the wall time of the generate call, median of the repeats per prompt, mean over prompts.
+Greedy decoding, the same prompt ids and max_new_tokens everywhere.
 
 Agreement with fp32: the fp32 autoregressive tokens are the reference. Per prompt,
 `prefix` = tokens before the first divergence / reference length (1.0: identical), and
@@ -30,53 +32,23 @@ precision must still hold exactly (the `spec == AR` column).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from streamspec.errors import StreamspecError
-from streamspec.tools.bench import Run, write_report  # shared with `streamspec bench`
+from streamspec.tools.cli import bench_main
+from streamspec.tools.harness import MIB, Measurement, MemorySampler, Turn, engine_arm, fmt, measure
 
 PRECISIONS = ("fp32", "int8", "int4")  # the default set; "+kv8" / "+kv4" adds a quantized KV cache
 KV_SUFFIXES = {"": "none", "kv8": "int8", "kv4": "int4"}  # "int4+kv8": int4 weights, int8 KV cache
 MODES = ("ar", "spec")
-MIB = 1 << 20
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m streamspec.tools.bench_precision", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sources", nargs="+", metavar="CKPT_OR_FOLDERS",
-                        help="one checkpoint or base model to export per precision, or exported folders")
-    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), metavar="P",
-                        help="precisions to export from a checkpoint (ignored for exported folders): weights fp32, "
-                             "int8 or int4, each optionally with +kv8 or +kv4 for an int8 / int4 KV cache, e.g. "
-                             "fp32 int4 int4+kv8")
-    parser.add_argument("--out-dir", default=None, metavar="DIR",
-                        help="where the exports go (default: <streamspec cache>/bench/precision/<source name>)")
-    parser.add_argument("--force-export", action="store_true", help="export again even when a folder is there")
-    parser.add_argument("--block-size", type=int, default=32, help="quantization block size of the exports")
-    parser.add_argument("--quant-activations", choices=("fp32", "int8"), default="fp32",
-                        help="what the quantized exports' MatMuls compute with (see `streamspec export --help`)")
-    parser.add_argument("--max-length", type=int, default=1024, help="max length of the exports")
-    parser.add_argument("--prompts", default=None, metavar="FILE",
-                        help='JSONL of {"messages": [...]} or {"prompt": "..."} (default: the held-out stdlib prompts)')
-    parser.add_argument("--num-prompts", type=int, default=4, metavar="N", help="use the first N prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    parser.add_argument("--repeats", type=int, default=3, metavar="N", help="timed runs per prompt and system")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N",
-                        help="ONNX Runtime intra-op threads")
-    parser.add_argument("--budget", type=int, default=None, help="draft nodes per tree (default: each folder's)")
-    parser.add_argument("--json", default="bench_precision.json", metavar="OUT", help="where to write the report")
-    parser.add_argument("--no-progress", action="store_true", help="no progress display")
-    return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------ folders
@@ -177,42 +149,34 @@ class Precision:
     engine: Any = None
     peak_mib: Optional[float] = None
     can_speculate: bool = False
-    runs: dict[str, list[list[Run]]] = field(default_factory=dict)  # mode -> [prompt][repeat]
+
+    def modes(self) -> list[str]:
+        return [mode for mode in MODES if mode == "ar" or self.can_speculate]
+
+
+def arm_name(precision: str, mode: str) -> str:
+    return f"{precision} {mode}"
 
 
 def load(precision: Precision, warm_up_ids: list[int], max_new_tokens: int, threads: int,
          budget: Optional[int]) -> None:
     """Load the engine under the memory sampler and run one warm-up per mode."""
     from streamspec.runtime import Engine
-    from streamspec.tools.bench import PeakRSS, _release_freed_memory, _rss
 
-    _release_freed_memory()
-    before = _rss()
-    with PeakRSS() as peak:
+    with MemorySampler(release=True) as memory:
         engine = Engine(precision.folder, provider="cpu", threads=threads, budget=budget, fallback=False)
         for speculative in (False, True):
             engine.generate(list(warm_up_ids), max_new_tokens=max_new_tokens, speculative=speculative)
-    precision.engine, precision.peak_mib = engine, (peak.peak - before) / MIB
+    precision.engine, precision.peak_mib = engine, memory.peak_growth_mib
     precision.can_speculate = engine.can_speculate
 
 
-def measure(precisions: list[Precision], prompt_ids: list[list[int]], max_new_tokens: int, repeats: int,
-            show=lambda *args: None) -> None:
-    """The timed runs, every (precision, mode) in turn, the order reversed on odd repeats."""
-    systems = [(p, mode) for p in precisions for mode in MODES if mode == "ar" or p.can_speculate]
-    for p, mode in systems:
-        p.runs[mode] = [[] for _ in prompt_ids]
-    total, done = repeats * len(prompt_ids) * len(systems), 0
-    for repeat in range(repeats):
-        for index, ids in enumerate(prompt_ids):
-            for p, mode in (systems if repeat % 2 == 0 else systems[::-1]):
-                show(f"repeat {repeat + 1}/{repeats}, prompt {index + 1}/{len(prompt_ids)}: {p.name} {mode}", done,
-                     total)
-                start = time.perf_counter()
-                result = p.engine.generate(list(ids), max_new_tokens=max_new_tokens, speculative=mode == "spec")
-                seconds = time.perf_counter() - start
-                p.runs[mode][index].append(Run(list(result.token_ids), result.stats.forward_passes, seconds))
-                done += 1
+def measure_precisions(precisions: list[Precision], prompt_ids: list[list[int]], max_new_tokens: int, repeats: int,
+                       show: Optional[Callable[[Turn], None]] = None) -> Measurement:
+    """The timed runs: every (precision, mode) an arm of the harness's alternating loop."""
+    arms = [engine_arm(arm_name(p.name, mode), p.engine, max_new_tokens, speculative=mode == "spec")
+            for p in precisions for mode in p.modes()]
+    return measure(arms, prompt_ids, repeats, show=show)
 
 
 # ------------------------------------------------------------------------------ the report
@@ -229,18 +193,16 @@ def agreement(tokens: Sequence[int], reference: Sequence[int]) -> float:
     return same / max(len(reference), 1)
 
 
-def summarize(p: Precision, mode: str, reference: Optional[list[list[int]]]) -> dict[str, Any]:
-    runs = p.runs[mode]
-    firsts = [prompt_runs[0] for prompt_runs in runs]
+def summarize(measured: Measurement, p: Precision, mode: str,
+              reference: Optional[list[list[int]]]) -> dict[str, Any]:
+    arm = arm_name(p.name, mode)
+    firsts = measured.firsts(arm)
     tokens = sum(len(r.ids) for r in firsts)
     passes = sum(r.passes for r in firsts)
     row: dict[str, Any] = {
-        "precision": p.name, "mode": mode,
-        "tokens_per_second": statistics.fmean(statistics.median(len(r.ids) / r.seconds for r in prompt_runs)
-                                              for prompt_runs in runs),
+        "precision": p.name, "mode": mode, "tokens_per_second": measured.tokens_per_second(arm),
         "tokens_per_pass": tokens / passes if passes else None,
-        "new_tokens": tokens, "forward_passes": passes,
-        "stable": all(r.ids == prompt_runs[0].ids for prompt_runs in runs for r in prompt_runs),
+        "new_tokens": tokens, "forward_passes": passes, "stable": measured.stable(arm),
         "token_ids": [r.ids for r in firsts],
     }
     if reference is not None:
@@ -250,19 +212,21 @@ def summarize(p: Precision, mode: str, reference: Optional[list[list[int]]]) -> 
     return row
 
 
-def build_report(precisions: list[Precision], prompt_ids: list[list[int]], settings: dict[str, Any]) -> dict[str, Any]:
+def build_report(precisions: list[Precision], measured: Measurement, prompt_ids: list[list[int]],
+                 settings: dict[str, Any]) -> dict[str, Any]:
+    import onnxruntime as ort
+
     from streamspec.runtime.folder import read_folder
     from streamspec.runtime.memory import estimate_memory
 
     fp32 = next((p for p in precisions if p.name == "fp32"), None)
-    reference = [prompt_runs[0].ids for prompt_runs in fp32.runs["ar"]] if fp32 else None
+    reference = [r.ids for r in measured.firsts(arm_name("fp32", "ar"))] if fp32 else None
     rows, summary = [], []
     for p in precisions:
         config = read_folder(p.folder)
         estimate = estimate_memory(config, budget=p.engine.budget)
-        by_mode = {mode: summarize(p, mode, reference) for mode in MODES if mode in p.runs}
-        for row in by_mode.values():
-            rows.append(row)
+        by_mode = {mode: summarize(measured, p, mode, reference) for mode in p.modes()}
+        rows.extend(by_mode.values())
         spec, ar = by_mode.get("spec"), by_mode["ar"]
         summary.append({
             "precision": p.name, "folder": str(p.folder), "quantization": config.graph.get("quantization"),
@@ -270,10 +234,9 @@ def build_report(precisions: list[Precision], prompt_ids: list[list[int]], setti
             "activation_bytes_estimate": estimate.activations, "peak_rss_mib": p.peak_mib,
             "speedup_spec_over_ar": spec["tokens_per_second"] / ar["tokens_per_second"] if spec else None,
             # The promise that quantization must keep: same tokens in both modes.
-            "spec_equals_ar": None if spec is None else spec["token_ids"] == ar["token_ids"],
+            "spec_equals_ar": None if spec is None else all(measured.same_as(arm_name(p.name, "spec"),
+                                                                             arm_name(p.name, "ar"))),
         })
-    import onnxruntime as ort
-
     return {"settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "onnxruntime": ort.__version__},
             "method": __doc__.split("Method: ")[1].strip(),
@@ -305,63 +268,36 @@ def render(report: dict[str, Any]):
         same = s["spec_equals_ar"]
         table.add_row(
             row["precision"], "spec" if spec_row else "AR", f"{row['tokens_per_second']:.1f}",
-            _fmt(s["speedup_spec_over_ar"], "{:.2f}×") if spec_row else "1.00×",
-            _fmt(row["tokens_per_pass"], "{:.2f}"), _fmt(row.get("agreement_prefix"), "{:.0%}"),
+            fmt(s["speedup_spec_over_ar"], "{:.2f}×") if spec_row else "1.00×",
+            fmt(row["tokens_per_pass"], "{:.2f}"), fmt(row.get("agreement_prefix"), "{:.0%}"),
             "n/a" if row.get("agreement_exact") is None else f"{row['agreement_exact']}/{prompts}",
             ("n/a" if same is None else "[green]yes[/]" if same else "[red]NO[/]"),
-            f"{s['weights_bytes'] / MIB:.1f}", f"{s['kv_cache_bytes'] / MIB:.1f}", _fmt(s["peak_rss_mib"], "{:.0f}"))
+            f"{s['weights_bytes'] / MIB:.1f}", f"{s['kv_cache_bytes'] / MIB:.1f}", fmt(s["peak_rss_mib"], "{:.0f}"))
     return table
 
 
-def _fmt(value: Optional[float], pattern: str) -> str:
-    return "n/a" if value is None else pattern.format(value)
+# ------------------------------------------------------------------------------ command line
+def run(args: Any, say: Callable[[str], None]) -> dict[str, Any]:
+    """The report of `streamspec bench precision` (tools/commands/bench_precision.py parses
+    the options and prints; `say` logs the exports)."""
+    from streamspec.tools.harness import load_prompts, progress, tokenize_prompts
 
-
-# ------------------------------------------------------------------------------ main
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from rich.console import Console
-
-    from streamspec.tools.bench import _progress, load_prompts, tokenize_prompts
-
-    if args.repeats < 1 or args.max_new_tokens < 1:
-        raise StreamspecError("--repeats and --max-new-tokens must be at least 1.")
-    if args.threads < 1:
-        raise StreamspecError(f"--threads must be at least 1, got {args.threads}.")
-    console = Console(stderr=True, quiet=args.no_progress)
-    folders = resolve_folders(args.sources, args.precisions, Path(args.out_dir) if args.out_dir else None,
-                              args.block_size, args.max_length, args.force_export, args.quant_activations,
-                              console.log)
-    records = load_prompts(Path(args.prompts) if args.prompts else None, args.num_prompts)
+    folders = resolve_folders(args.sources, args.precisions, args.out_dir, args.block_size, args.max_length,
+                              args.force_export, args.quant_activations, say)
+    records = load_prompts(args.prompts, args.num_prompts)
     prompt_ids = tokenize_prompts(next(iter(folders.values())), records)
     precisions = [Precision(name, folder) for name, folder in folders.items()]
-    with _progress(not args.no_progress) as show:
+    with progress(not args.no_progress) as show:
         for p in precisions:
             show(f"loading {p.name}")
             load(p, max(prompt_ids, key=len), args.max_new_tokens, args.threads, args.budget)
-        measure(precisions, prompt_ids, args.max_new_tokens, args.repeats, show)
+        measured = measure_precisions(precisions, prompt_ids, args.max_new_tokens, args.repeats, show)
     settings = {"sources": list(args.sources), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
                 "threads": args.threads, "budget": args.budget, "prompt_ids": [r.id for r in records]}
-    return build_report(precisions, prompt_ids, settings)
+    return build_report(precisions, measured, prompt_ids, settings)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from rich.console import Console
-
-    args = parse_args(argv)
-    try:
-        report = run(args)
-        write_report(report, Path(args.json))
-    except StreamspecError as error:
-        print(f"bench_precision: {error}", file=sys.stderr)
-        return 1
-    console = Console()
-    console.print(render(report))
-    broken = [s["precision"] for s in report["precisions"] if s["spec_equals_ar"] is False]
-    if broken:
-        console.print(f"[red]Speculative and autoregressive tokens differ for {', '.join(broken)}.[/]")
-    console.print(f"Wrote {args.json}")
-    return 0
-
+main = bench_main("precision")  # python -m streamspec.tools.bench_precision ARGS: streamspec bench precision ARGS
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,8 @@
 """The `streamspec` command line: one sub-command per module in `tools/commands/`.
 
+`streamspec bench` also names the other benchmarks (`streamspec bench precision ...`):
+each is a command of its own, named by the two words.
+
 Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args)`.
 Modules import their heavy dependencies (torch, transformers) inside `run`, so
 `streamspec --help` and the runtime commands stay light.
@@ -15,7 +18,7 @@ import re
 import signal
 import sys
 import threading
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from streamspec import __version__
 from streamspec.errors import StreamspecError
@@ -32,6 +35,10 @@ COMMANDS = {
     "report": "report",
     "demo": "demo",
     "bench": "bench",
+    "bench precision": "bench_precision",
+    "bench pruning": "bench_pruning",
+    "bench attention": "bench_attention",
+    "bench distill": "bench_distill",
     "tune": "tune",
 }
 
@@ -68,16 +75,37 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"streamspec.tools.commands.{module_name}")
         command = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                                 epilog=getattr(module, "EPILOG", None),
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(command)
         command.set_defaults(run=module.run)
     return parser
 
 
+def join_command(argv: Sequence[str]) -> list[str]:
+    """["bench", "precision", ...] -> ["bench precision", ...]: a two-word command is one
+    sub-parser (argparse cannot take `bench [DIR]` and `bench precision` under one parser:
+    the optional folder would be read as a sub-command's name). A folder named like a
+    benchmark is passed as ./precision."""
+    if len(argv) >= 2 and f"{argv[0]} {argv[1]}" in COMMANDS:
+        return [f"{argv[0]} {argv[1]}", *argv[2:]]
+    return list(argv)
+
+
+def bench_main(kind: str) -> Callable[[Optional[Sequence[str]]], int]:
+    """The `main` of `python -m streamspec.tools.bench_<kind>`: `streamspec bench <kind>`
+    with the same arguments (the modules ran as scripts before they were commands)."""
+
+    def run(argv: Optional[Sequence[str]] = None) -> int:
+        return main(["bench", kind, *(sys.argv[1:] if argv is None else argv)])
+
+    return run
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(join_command(sys.argv[1:] if argv is None else argv))
     except UsageError as error:
         print(f"{error.prog}: {error}", file=sys.stderr)
         return 1

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 from streamspec.errors import StreamspecError
 from streamspec.files import write_text
+from streamspec.tools.harness import MemorySampler
 
 TOPICS = ("owls", "rivers", "prime numbers", "bread", "tides", "chess", "volcanoes", "bees")
 
@@ -59,7 +60,8 @@ def run_load_test(url: str, settings: LoadSettings, pid: Optional[int] = None) -
         answer = client.chat.completions.create(model=model, messages=messages, max_tokens=settings.max_tokens,
                                                 temperature=0)
         reference.append((answer.choices[0].message.content, answer.usage.completion_tokens))
-    memory = _MemoryWatch(pid)
+    # The server's memory after the reference pass, at its peak under the load, and after it.
+    memory = MemorySampler(pid, interval=0.2).start() if pid else None
     results: list[dict[str, Any]] = []
     lock = threading.Lock()
 
@@ -79,7 +81,8 @@ def run_load_test(url: str, settings: LoadSettings, pid: Optional[int] = None) -
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - start
-    memory.stop()
+    if memory is not None:
+        memory.stop()
     latencies = sorted(r["seconds"] for r in results)
     expected = settings.clients * settings.requests
     correct = sum(r["correct"] for r in results)
@@ -89,8 +92,9 @@ def run_load_test(url: str, settings: LoadSettings, pid: Optional[int] = None) -
         seconds=seconds, requests_per_second=len(results) / seconds if seconds else 0.0,
         completion_tokens_per_second=sum(r["tokens"] for r in results) / seconds if seconds else 0.0,
         latency_p50=_quantile(latencies, 0.5), latency_p95=_quantile(latencies, 0.95),
-        latency_max=latencies[-1] if latencies else 0.0, rss_before=memory.before, rss_after=memory.after,
-        rss_peak=memory.peak, passed=correct == expected == len(results))
+        latency_max=latencies[-1] if latencies else 0.0, rss_before=memory.before if memory else None,
+        rss_after=memory.after if memory else None, rss_peak=memory.peak if memory else None,
+        passed=correct == expected == len(results))
 
 
 def _request(client: Any, model: str, messages: list, max_tokens: int, stream: bool,
@@ -123,46 +127,6 @@ def _quantile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
-
-
-def rss_bytes(pid: int) -> Optional[int]:
-    """Resident memory of a process (Linux /proc, else psutil when installed)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return psutil.Process(pid).memory_info().rss
-    except Exception:
-        return None
-
-
-class _MemoryWatch:
-    """The server's RSS now, its peak while the load runs (sampled), and at the end."""
-
-    def __init__(self, pid: Optional[int]):
-        self.pid = pid
-        self.before = self.peak = self.after = rss_bytes(pid) if pid else None
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        if pid:
-            self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.2):
-            self.peak = max(self.peak or 0, rss_bytes(self.pid) or 0)
-
-    def stop(self) -> None:
-        self._done.set()
-        if self.pid:
-            self._thread.join()
-            self.after = rss_bytes(self.pid)
-            self.peak = max(self.peak or 0, self.after or 0)
 
 
 # ------------------------------------------------------------------------------ command line

@@ -33,10 +33,11 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from streamspec.errors import StreamspecError
-from streamspec.files import write_json
+from streamspec.tools.harness import Measurement, engine_arm, measure, time_steps
 
 DEFAULT_BUDGETS = (1, 2, 4, 6, 8, 12, 16, 24, 32)
 DEFAULT_PRUNE = (0.05, 0.1, 0.2)  # thresholds tried on a folder exported with --pruning
+AUTOREGRESSIVE = "autoregressive"  # the reference arm every setting's output is checked against
 
 
 @dataclass
@@ -65,6 +66,10 @@ class Candidate:
     identical: bool = True
     expected_tokens_per_second: float = 0.0
 
+    @property
+    def name(self) -> str:
+        return f"budget {self.budget}, lookup {self.lookup}, pruning {self.prune or 'off'}"
+
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
@@ -89,27 +94,27 @@ def run_tune(settings: TuneSettings, prompts: list[list[int]],
     from streamspec.tools.profiler.measure import latency_curve, system_info
 
     say = progress or (lambda message: None)
-    # No fallback: every setting must be measured as it is, paying or not.
-    engine = Engine(settings.folder, provider=settings.provider, threads=settings.threads, fallback=False)
+    # No fallback: every setting must be measured as it is, paying or not. No pruning on the
+    # whole-graph engine: its settings and the latency curve are the unpruned step.
+    engine = Engine(settings.folder, provider=settings.provider, threads=settings.threads, fallback=False, prune=0)
     if not engine.can_speculate:
         raise StreamspecError(f"{settings.folder} holds a plain model without streams; there is nothing to tune.")
-    say("autoregressive reference")
-    reference, ar_speed = [], []
-    for ids in prompts:
-        result = engine.generate(ids, max_new_tokens=settings.max_new_tokens, speculative=False)
-        reference.append(result.token_ids)
-        ar_speed.append(result.stats.decode_tokens_per_second)
-    candidates = []
     pruning = None  # the split graphs, for the pruned settings
     if settings.prune:
         pruning = Engine(settings.folder, provider=settings.provider, threads=settings.threads, fallback=False,
                          prune=max(settings.prune))
-    for prune in (0.0, *settings.prune):
-        for lookup in settings.lookup:
-            for budget in settings.budgets:
-                say(f"budget {budget}, lookup {lookup}, pruning {prune or 'off'}")
-                candidates.append(_measure(pruning if prune else engine, prompts, reference, budget, lookup,
-                                           settings.max_new_tokens, prune, domains))
+    candidates = [Candidate(budget, lookup, prune) for prune in (0.0, *settings.prune)
+                  for lookup in settings.lookup for budget in settings.budgets]
+    arms = [engine_arm(AUTOREGRESSIVE, engine, settings.max_new_tokens, speculative=False)]
+    arms += [engine_arm(c.name, pruning if c.prune else engine, settings.max_new_tokens, budget=c.budget,
+                        lookup=c.lookup, prune=c.prune) for c in candidates]
+    # Acceptance is what is measured here (one run per prompt: greedy tokens do not vary);
+    # the loop's alternation still spreads machine load over the settings alike.
+    measured = measure(arms, prompts, repeats=1, show=lambda turn: say(
+        f"prompt {turn.prompt + 1}/{turn.prompts}: {turn.arm}"))
+    for c in candidates:
+        _acceptance(c, measured, domains)
+    ar_speed = [run.stats.decode_tokens_per_second for run in measured.firsts(AUTOREGRESSIVE)]
     # The curve at the mean cache length of a decode step: prompt + half the answer.
     past = int(statistics.mean(len(p) for p in prompts) + settings.max_new_tokens / 2)
     biggest = int(np.ceil(max(c.nodes_per_step for c in candidates)))
@@ -148,58 +153,44 @@ def run_tune(settings: TuneSettings, prompts: list[list[int]],
 def pruned_latencies(engine, past: int, pairs: set[tuple[int, int]], repeats: int) -> dict[tuple[int, int], float]:
     """Median ms of a pruned step for each (drafted, kept) pair: a balanced binary tree of
     `drafted` nodes (as `latency_curve` uses) whose first `kept` nodes reach the upper layers."""
-    from streamspec.tools.profiler.measure import timed, balanced_tree
+    from streamspec.tools.profiler.measure import balanced_tree
 
     out = {}
     for drafted, kept in sorted(pairs):
         tree = balanced_tree(drafted, engine.config.vocab_size)
-        engine.forward(tree, past, kept=kept)  # warm-up
-        times = [timed(lambda: engine.forward(tree, past, kept=kept)) for _ in range(repeats)]
+        times = time_steps({"step": lambda: engine.forward(tree, past, kept=kept)}, repeats)["step"]
         out[(drafted, kept)] = 1000 * statistics.median(times)
     return out
 
 
-def _measure(engine, prompts: list[list[int]], reference: list[list[int]], budget: int, lookup: int,
-             max_new_tokens: int, prune: float = 0.0, domains: Sequence[str] = ()) -> Candidate:
-    engine.budget, engine.lookup = budget, lookup
-    if prune:
-        engine.prune = prune
-    c = Candidate(budget, lookup, prune)
-    tokens = steps = nodes = kept = 0
+def _acceptance(c: Candidate, measured: Measurement, domains: Sequence[str]) -> None:
+    """The candidate's figures from its runs: tokens committed per decode step (the
+    prefill commits the first token), overall and per domain, draft nodes per step
+    before and after pruning, and whether every output equals the autoregressive one."""
+    runs = measured.firsts(c.name)
+    c.identical = all(measured.same_as(c.name, AUTOREGRESSIVE))
     per_domain: dict[str, list[int]] = {}  # domain -> [tokens, steps]
-    speeds = []
-    for ids, expected, domain in zip(prompts, reference, domains or [""] * len(prompts)):
-        result = engine.generate(ids, max_new_tokens=max_new_tokens)
-        stats = result.stats
-        c.identical &= result.token_ids == expected
-        tokens += stats.new_tokens - 1  # the prefill commits the first token
-        steps += stats.steps
+    for run, domain in zip(runs, domains):
         counts = per_domain.setdefault(domain, [0, 0])
-        counts[0] += stats.new_tokens - 1
-        counts[1] += stats.steps
-        nodes += sum(stats.drafted_sizes)
-        kept += sum(stats.tree_sizes)
-        speeds.append(stats.decode_tokens_per_second)
-    c.tokens_per_pass = tokens / max(steps, 1)
+        counts[0] += run.stats.new_tokens - 1
+        counts[1] += run.stats.steps
+    steps = max(sum(run.stats.steps for run in runs), 1)
+    c.tokens_per_pass = sum(t for t, _ in per_domain.values()) / steps
     if len(per_domain) > 1:
         c.domain_tokens_per_pass = {d: t / max(n, 1) for d, (t, n) in per_domain.items()}
-    c.nodes_per_step = nodes / max(steps, 1)
-    c.kept_per_step = kept / max(steps, 1)
-    c.measured_tokens_per_second = statistics.mean(speeds)
-    return c
+    c.nodes_per_step = sum(sum(run.stats.drafted_sizes) for run in runs) / steps
+    c.kept_per_step = sum(sum(run.stats.tree_sizes) for run in runs) / steps
+    c.measured_tokens_per_second = statistics.mean(run.stats.decode_tokens_per_second for run in runs)
 
 
 def write_choice(folder: Path, report: dict[str, Any]) -> None:
     """Store the choice in streamspec.json's `tree` (what `Engine` uses by default)."""
     from streamspec.runtime.folder import read_folder
+    from streamspec.runtime.tree_settings import TreeSettings
 
-    path = Path(folder) / "streamspec.json"
-    config = dict(read_folder(folder).raw)  # validated: a hand-edited file is refused, not rewritten
+    config = read_folder(folder)  # validated: a hand-edited file is refused, not rewritten
     choice = report["choice"]
-    tree = config.setdefault("tree", {})
-    tree["budget"] = int(choice["budget"])
-    tree["lookup"] = int(choice["lookup"])
-    tree["prune"] = float(choice.get("prune", 0.0))
-    tree["tuned"] = dict(date=report["date"], device=report["system"]["device_name"], threads=report["threads"],
-                         expected_speedup=choice["expected_speedup"], reason=choice["reason"])
-    write_json(path, config)  # atomic: a failed write leaves the old file
+    tuned = dict(date=report["date"], device=report["system"]["device_name"], threads=report["threads"],
+                 expected_speedup=choice["expected_speedup"], reason=choice["reason"])
+    settings = TreeSettings(choice["budget"], choice["lookup"], choice.get("prune", 0.0))
+    settings.write(config.path, config.raw, tuned)  # atomic: a failed write leaves the old file

@@ -1,7 +1,8 @@
 """`streamspec bench`: streamspec next to optimum, transformers and onnxruntime-genai.
 
-The harness lives in `streamspec.tools.bench`; this module parses options, finds or
-exports the folder, prints the table and writes the JSON report.
+The systems live in `streamspec.tools.bench`, the measuring loop in
+`streamspec.tools.harness`; this module parses options, finds or exports the folder,
+prints the table and writes the JSON report.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from streamspec.tools.bench import SYSTEMS  # stdlib-only at import time, so --h
 
 HELP = ("Benchmark streamspec (speculative and autoregressive) against optimum, transformers (greedy and "
         "prompt lookup) and onnxruntime-genai: same weights, same prompts, side by side in one run.")
+EPILOG = ("The other benchmarks are commands of their own, each with --help: `streamspec bench precision` "
+          "(fp32 / int8 / int4), `bench pruning` (tree pruning and prompt lookup), `bench attention` (the two "
+          "attention backends' step latency), `bench distill` (distillation throughput).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "once into the streamspec cache (the folder `streamspec demo` uses)")
     parser.add_argument("--prompts", metavar="FILE", default=None,
                         help='a JSONL file of {"messages": [...]} or {"prompt": "..."} records, each with an optional '
-                             '"domain" (a prompt is sent as a user message through the chat template); when omitted, '
+                             '"domain" (a prompt is sent as a user message through the chat template), or a .txt file with one '
+                             'prompt per line; when omitted, '
                              "the default model's held-out prompts of every domain, which its streams never saw")
     parser.add_argument("--domains", default=None, metavar="LIST",
                         help="comma-separated domains of the prompts to run (default: all); figures are printed per "
@@ -61,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from streamspec.errors import StreamspecError
-    from streamspec.tools import bench
+    from streamspec.tools import bench, harness
 
     console = Console()
     systems = bench.check_systems([name.strip() for value in args.only for name in value.split(",") if name.strip()]
@@ -80,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
                                    prompt_lookup_tokens=args.prompt_lookup_tokens,
                                    genai_folder=Path(args.genai_model) if args.genai_model else None)
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
-    prompts = bench.load_prompts(Path(args.prompts) if args.prompts else None, args.num_prompts, domains)
-    prompt_ids = bench.tokenize_prompts(folder, prompts)
+    prompts = harness.load_prompts(Path(args.prompts) if args.prompts else None, args.num_prompts, domains)
+    prompt_ids = harness.tokenize_prompts(folder, prompts)
     report = bench.run_bench(settings, prompt_ids, systems, args.max_new_tokens, args.repeats, args.baseline,
                              progress=not args.no_progress, prompt_names=[p.id for p in prompts])
     report["prompts"] = [{**entry, "domain": p.domain} for entry, p in zip(report["prompts"], prompts)]
@@ -91,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(bench.render_domains(report["domains"]))
     for line in settings.notes + bench.row_notes(report):
         console.print(f"[yellow]note[/]: {line}")
-    bench.write_report(report, Path(args.json))
+    harness.write_report(report, Path(args.json))
     console.print(f"[dim]report written to {args.json}[/]")
     return 0
 

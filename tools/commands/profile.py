@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="DIR", help="a folder written by `streamspec export`")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompts", metavar="FILE", default=None,
-                        help="prompts file: JSONL (.jsonl; per line {\"messages\": [...]} or {\"prompt\": ...}) or "
-                             "plain text, one prompt per line (default: two built-in prompts)")
+                        help="prompts file: JSONL (per line {\"messages\": [...]} or {\"prompt\": ...}), or a .txt "
+                             "file with one plain prompt per line (default: two built-in prompts)")
     source.add_argument("--prompt", metavar="TEXT", default=None, type=text, help="profile this one prompt")
     parser.add_argument("--chat", action="store_true",
                         help="send text prompts as a user message through the model's chat template")

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     from streamspec.errors import StreamspecError
     from streamspec.runtime.folder import read_folder
-    from streamspec.tools import bench, tune
+    from streamspec.tools import harness, tune
 
     folder = Path(args.folder)
     config = read_folder(folder)  # one sentence when it is no deployable folder
@@ -60,13 +60,13 @@ def run(args: argparse.Namespace) -> int:
         raise StreamspecError("--num-prompts, --max-new-tokens and --repeats must be positive.")
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
     # bench measures the first built-in held-out prompts of each domain; tune the ones after them
-    prompts = bench.load_prompts(Path(args.prompts) if args.prompts else None, args.num_prompts, domains,
-                                 skip=0 if args.prompts else bench.DEFAULT_NUM_PROMPTS)
+    prompts = harness.load_prompts(Path(args.prompts) if args.prompts else None, args.num_prompts, domains,
+                                   skip=0 if args.prompts else harness.DEFAULT_NUM_PROMPTS)
     console = Console()
     settings = tune.TuneSettings(folder, budgets=budgets, lookup=lookups, max_new_tokens=args.max_new_tokens,
                                  threads=args.threads, provider=args.provider, repeats=args.repeats, prune=prunes)
     with console.status("tuning") as status:
-        report = tune.run_tune(settings, bench.tokenize_prompts(folder, prompts),
+        report = tune.run_tune(settings, harness.tokenize_prompts(folder, prompts),
                                progress=lambda message: status.update(f"tuning: {message}"),
                                domains=[p.domain for p in prompts])
     table = Table(title=f"tree settings on {report['system']['device_name']} (past {report['past']} rows)")
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     choice = report["choice"]
     console.print(f"choice: budget {choice['budget']}, lookup {choice['lookup']}, pruning "
                   f"{choice['prune'] or 'off'} ({choice['reason']}; expected speed-up {choice['expected_speedup']:.2f}x)")
-    bench.write_report(report, Path(args.json))
+    harness.write_report(report, Path(args.json))
     if not args.dry_run:
         tune.write_choice(folder, report)
         console.print(f"written into {folder / 'streamspec.json'}; figures in {args.json}")

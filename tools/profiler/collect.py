@@ -3,7 +3,8 @@ profiler, assembled into one report (a plain dict; report.py saves and renders i
 
 Order matters for honest figures: a short warm-up generation (ORT allocates on first
 use), the timed generations (speculative and, with compare_ar, autoregressive on the
-same prompt, alternating which goes first), the step-latency curve, the memory
+same prompt, alternating which goes first: the harness's A/B loop), the step-latency
+curve, the memory
 reading, then the copy bandwidth (its buffers would otherwise be the peak memory), and
 last ONNX Runtime's profiler on a second session of its own, because profiling slows
 every run it records.
@@ -12,7 +13,6 @@ every run it records.
 from __future__ import annotations
 
 import gc
-import json
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from streamspec import __version__
-from streamspec.errors import StreamspecError
+from streamspec.tools.harness import Arm, Output, Turn, engine_arm, measure, read_prompt_file
 
 from . import figures
 from .live import ProfileView
@@ -33,6 +33,7 @@ DEFAULT_PROMPTS = (
     "Write a Python function that returns the n-th Fibonacci number, with a short docstring.",
 )
 WARMUP_TOKENS = 4
+MODE_NAMES = {True: "speculative", False: "autoregressive"}  # as figures.generation_record names them
 ORT_PROFILE_TOKENS = 24  # enough decode steps for stable operator shares, few enough for a small trace
 
 
@@ -56,29 +57,11 @@ class ProfileSettings:
 
 
 def load_prompts(path: Union[str, Path], chat: bool = False) -> list[Any]:
-    """Prompts from a file: JSONL (.jsonl/.json: per line an object with "messages" (chat)
-    or "prompt"/"text", or a JSON string) or plain text, one prompt per line. With
+    """The prompts of a prompts file (`harness.read_prompt_file`: JSONL, or plain text
+    one per line in a .txt file) as the engine takes them: chat messages, or text. With
     `chat`, text prompts become a user message through the model's chat template."""
-    path = Path(path)
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as error:
-        raise StreamspecError(f"Cannot read the prompts file {path} ({type(error).__name__}).") from None
-    prompts: list[Any] = []
-    for number, line in enumerate(lines, 1):
-        prompt: Any = line
-        if path.suffix in (".jsonl", ".json"):
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                raise StreamspecError(f"{path}, line {number}, is not JSON.") from None
-            prompt = (item.get("messages") or item.get("prompt") or item.get("text")) if isinstance(item, dict) else item
-            if not prompt or not isinstance(prompt, (str, list)):
-                raise StreamspecError(f"{path}, line {number}, has no \"messages\", \"prompt\" or \"text\".")
-        prompts.append(prompt)
-    if not prompts:
-        raise StreamspecError(f"{path} holds no prompts.")
-    return [as_chat(p) if chat and isinstance(p, str) else p for p in prompts]
+    prompts = read_prompt_file(path)
+    return [p.messages if p.messages is not None else as_chat(p.text) if chat else p.text for p in prompts]
 
 
 def as_chat(text: str) -> list[dict[str, str]]:
@@ -105,10 +88,7 @@ def run_profile(settings: ProfileSettings, view: Optional[ProfileView] = None) -
     engine.generate(prompts[0], max_new_tokens=min(WARMUP_TOKENS, settings.max_new_tokens), ignore_eos=True)
 
     modes = [True, False] if settings.compare_ar and engine.can_speculate else [engine.can_speculate]
-    generations = []
-    for index, prompt in enumerate(prompts):
-        for speculative in (modes if index % 2 == 0 else modes[::-1]):
-            generations.append(_generate(engine, index, len(prompts), prompt, speculative, settings, view))
+    generations = _generations(engine, prompts, modes, settings, view)
 
     view.status("measuring the step-latency curve")
     curve = _curve(engine, generations, settings)
@@ -137,24 +117,37 @@ def run_profile(settings: ProfileSettings, view: Optional[ProfileView] = None) -
         compare_ar=figures.compare(generations), memory=memory, generations=generations)
 
 
-def _generate(engine, index: int, count: int, prompt: list[int], speculative: bool, settings: ProfileSettings,
-              view: ProfileView) -> dict[str, Any]:
-    steps: list = []
+def _generations(engine, prompts: list[list[int]], modes: list[bool], settings: ProfileSettings,
+                 view: ProfileView) -> list[dict[str, Any]]:
+    """Every prompt once per mode (the harness's loop: the modes alternate which goes
+    first), each step recorded and shown live; the records in the order they ran."""
 
-    def on_step(record) -> None:
-        steps.append(record)
-        view.step(record)
+    def recorded(arm: Arm) -> Arm:
+        """The arm with its steps kept (the engine's on_step) and its speed shown at the end."""
 
-    view.start_generation("speculative" if speculative else "autoregressive", index, count, len(prompt))
-    engine.on_step = on_step
-    try:
-        result = engine.generate(prompt, max_new_tokens=settings.max_new_tokens, speculative=speculative,
-                                 ignore_eos=settings.ignore_eos)
-    finally:
-        engine.on_step = None
-    record = figures.generation_record(index, result.stats, steps, result.token_ids)
-    view.end_generation(record["mode"], record["tokens_per_second"])
-    return record
+        def generate(ids: list[int]) -> Output:
+            steps: list = []
+            engine.on_step = lambda record: (steps.append(record), view.step(record))
+            try:
+                output = arm.generate(ids)
+            finally:
+                engine.on_step = None
+            view.end_generation(arm.name, output.stats.tokens_per_second)
+            return Output(output.ids, output.passes, (output.stats, steps))
+
+        return Arm(arm.name, generate)
+
+    def start(turn: Turn) -> None:
+        view.start_generation(turn.arm, turn.prompt, turn.prompts, len(prompts[turn.prompt]))
+
+    arms = [recorded(engine_arm(MODE_NAMES[speculative], engine, settings.max_new_tokens, speculative=speculative,
+                                ignore_eos=settings.ignore_eos)) for speculative in modes]
+    measured = measure(arms, prompts, repeats=1, show=start)
+    records = []
+    for mode, prompt, repeat in measured.order:
+        run = measured.runs[mode][prompt][repeat]
+        records.append(figures.generation_record(prompt, *run.stats, run.ids))
+    return records
 
 
 def _curve(engine, generations: list[dict], settings: ProfileSettings) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from streamspec.errors import first_line
+from streamspec.tools.harness import peak_rss_bytes, rss_bytes, time_steps, timed
 
 COPY_BYTES = 256 * 2 ** 20  # well above the last-level cache of any edge CPU
 CURVE_NODES = (1, 2, 4, 8, 16, 32, 64)
@@ -57,43 +58,7 @@ def _cuda_copy_seconds(nbytes: int, repeats: int) -> float:
     return min(timed(lambda: ort.copy_tensors([src], [dst])) for _ in range(repeats))
 
 
-def timed(work) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
-
-
 # ------------------------------------------------------------------ memory
-def host_rss() -> tuple[Optional[int], Optional[int]]:
-    """(resident bytes now, peak resident bytes) of this process; None where unknown."""
-    try:
-        import psutil
-
-        now: Optional[int] = psutil.Process().memory_info().rss
-    except ImportError:
-        now = _proc_status_bytes("VmRSS")
-    peak = _proc_status_bytes("VmHWM")
-    if peak is None:
-        try:
-            import resource  # kilobytes on Linux, bytes on macOS
-
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
-        except (ImportError, OSError):
-            peak = None
-    return now, peak
-
-
-def _proc_status_bytes(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def cuda_memory_used() -> tuple[Optional[int], str]:
     """(bytes of GPU memory this process holds, how it was read). nvidia-smi is absent on
     Jetson boards, whose memory is the host's: there RSS is the figure to read."""
@@ -112,7 +77,9 @@ def cuda_memory_used() -> tuple[Optional[int], str]:
 
 
 class MemoryProbe:
-    """Memory readings at most every `interval` seconds (nvidia-smi costs tens of ms)."""
+    """Memory readings for the live view and the report, at most every `interval` seconds
+    (nvidia-smi costs tens of ms): this process's RSS and its high-water mark (the
+    harness's readers) and, on CUDA, the GPU memory this process holds."""
 
     def __init__(self, device: str, interval: float = 1.0):
         self.device, self.interval = device, interval
@@ -123,9 +90,8 @@ class MemoryProbe:
         now = time.monotonic()
         if force or now - self._last >= self.interval:
             self._last = now
-            rss, peak = host_rss()
-            self.reading = dict(host_rss_bytes=rss, host_peak_rss_bytes=peak, device_used_bytes=None,
-                                device_method=None)
+            self.reading = dict(host_rss_bytes=rss_bytes(), host_peak_rss_bytes=peak_rss_bytes(),
+                                device_used_bytes=None, device_method=None)
             if self.device == "cuda":
                 self.reading["device_used_bytes"], self.reading["device_method"] = cuda_memory_used()
         return self.reading
@@ -201,8 +167,8 @@ def latency_curve(engine, past: int, sizes=CURVE_NODES, repeats: int = 3, extra=
     shapes = [(1, False)] + [(n, engine.can_speculate) for n in fits if engine.can_speculate or n > 1]
     for nodes, drafting in shapes:
         tree = balanced_tree(nodes, engine.config.vocab_size)
-        engine.forward(tree, past, drafting)  # warm-up: shapes change, ORT may allocate
-        times = [timed(lambda: engine.forward(tree, past, drafting)) for _ in range(repeats)]
+        # One warm-up step first (time_steps' default): shapes change, ORT may allocate.
+        times = time_steps({"step": lambda: engine.forward(tree, past, drafting)}, repeats)["step"]
         points.append(dict(nodes=nodes, rows=nodes * (rows_per_node if drafting else 1), drafting=drafting,
                            median_ms=1000 * statistics.median(times), min_ms=1000 * min(times), repeats=repeats))
     return points
