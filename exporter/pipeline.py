@@ -33,6 +33,7 @@ from streamspec.errors import StreamspecError
 from streamspec.files import write_json
 from streamspec.models.model import Transformer
 from streamspec.runtime.folder import CONFIG_FILE, FORMAT, FORMAT_VERSION
+from streamspec.runtime.tree_settings import TreeSettings
 
 from . import custom, kv_cache, portable, quantize as quantization, sampler, step
 from . import ops  # noqa: F401  (registers torch.ops.streamspec.*)
@@ -41,7 +42,7 @@ BACKENDS = {"portable": portable, "custom": custom}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data
-DEFAULT_BUDGET = 8  # draft nodes per tree, when neither the caller nor the checkpoint says
+DEFAULT_BUDGET = TreeSettings().budget  # draft nodes per tree, when neither the caller nor the checkpoint says
 TRACE_CACHE_LENGTH = 64  # the cache length is a dynamic dimension; any value traces
 
 
@@ -305,7 +306,7 @@ def deploy_config(model: Transformer, dtype: str, max_length: int, candidates: i
         "graph": {**graph, "dtype": dtype, "candidates": min(candidates, cfg.vocab_size), "full_logits": full_logits,
                   "max_length": max_length,
                   "draft_vocab": None if model.draft_vocab is None else len(model.draft_vocab)},
-        "tree": {"budget": budget},
+        "tree": TreeSettings(budget=budget).as_entry(),
         "source": source,
     }
 
@@ -395,8 +396,7 @@ def _check_options(model: Transformer, tokenizer_dir: Path, out_dir: Path, dtype
                               f"got {max_length}.")
     if candidates < 1:
         raise StreamspecError(f"--candidates must be at least 1, got {candidates}.")
-    if budget < 0:
-        raise StreamspecError(f"--budget must be >= 0, got {budget}.")
+    TreeSettings(budget=budget)  # checked: one sentence for a bad budget
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise StreamspecError(f"{tokenizer_dir} has no tokenizer.json, which the runtime needs.")
     if out_dir.exists() and not force:

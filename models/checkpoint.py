@@ -7,9 +7,11 @@ A checkpoint is a folder:
                              sha256 of the weights file
                              and optionally `deploy`: export defaults chosen by
                              measurement ({"budget", "streams"}), and `draft_vocab`:
-                             {file, size, train_coverage, sha256} (models/vocab.py)
+                             {file, size, train_coverage, heldout_coverage, sha256}
+                             (chosen by models/vocab.py)
     streams.safetensors      the trained parameters only (stream embeddings, LoRA,
                              exit adapter), under `Transformer.named_parameters` names
+    draft_vocab.safetensors  optional: the drafting vocabulary's sorted token ids
     tokenizer.json, tokenizer_config.json (chat template), ...
                              the base model's tokenizer files, copied as they are, so
                              the folder is also a tokenizer folder
@@ -41,6 +43,7 @@ FORMAT = "streamspec-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "streamspec.json"
 WEIGHTS_FILE = "streams.safetensors"
+VOCAB_FILE = "draft_vocab.safetensors"  # the reduced drafting vocabulary (chosen by models/vocab.py)
 # Files of a Hugging Face folder that make up its tokenizer and chat template.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -63,7 +66,7 @@ class CheckpointInfo:
     # Export defaults measured for the checkpoint (optional): {"budget": draft nodes,
     # "streams": streams to deploy}; `streamspec export` options override them.
     deploy: dict = field(default_factory=dict)
-    draft_vocab: dict = field(default_factory=dict)  # the reduced drafting vocabulary's entry (models/vocab.py)
+    draft_vocab: dict = field(default_factory=dict)  # the reduced drafting vocabulary's entry (see below)
 
     @property
     def tokenizer_folder(self) -> Path:
@@ -206,7 +209,6 @@ def load_checkpoint(folder: Union[str, Path], base: Union[str, os.PathLike, None
     from safetensors.torch import load_file
 
     from .loading import load_base_state_dict
-    from .vocab import load_draft_vocab
 
     info = read_checkpoint_info(folder, base)
     weights = info.weights_path
@@ -239,3 +241,32 @@ def load_trained(model: Transformer, trained: dict[str, torch.Tensor], where: st
                     f"expected {tuple(parameter.shape)})."
                 )
             parameter.copy_(trained[name])
+
+
+# ------------------------------------------------------------------ the drafting vocabulary
+# Its file is part of the checkpoint format (models/vocab.py chooses the tokens).
+def save_draft_vocab(folder: Union[str, Path], ids: torch.Tensor, train_coverage: float,
+                     heldout_coverage: Optional[float] = None) -> None:
+    """Store `ids` (sorted token ids [V']) in the checkpoint folder and describe it in its
+    streamspec.json."""
+    folder = Path(folder)
+    save_tensors(folder / VOCAB_FILE, {"draft_vocab": ids})
+    description = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    description["draft_vocab"] = {"file": VOCAB_FILE, "size": len(ids), "train_coverage": train_coverage,
+                                  "heldout_coverage": heldout_coverage, "sha256": _sha256(folder / VOCAB_FILE)}
+    write_json(folder / CONFIG_FILE, description)
+
+
+def load_draft_vocab(folder: Path, entry: Optional[dict], vocab_size: int) -> Optional[torch.Tensor]:
+    """The checkpoint's drafting vocabulary [V'] (None when it has none); one sentence when corrupt."""
+    from safetensors.torch import load_file
+
+    if not entry:
+        return None
+    path = folder / str(entry.get("file", VOCAB_FILE))
+    if not path.is_file() or _sha256(path) != entry.get("sha256"):
+        raise StreamspecError(f"{path} is missing or corrupt (its sha256 differs from streamspec.json).")
+    ids = load_file(str(path)).get("draft_vocab")
+    if ids is None or ids.dtype != torch.int64 or ids.ndim != 1 or not len(ids) or int(ids.max()) >= vocab_size:
+        raise StreamspecError(f"{path} does not hold a drafting vocabulary for this model.")
+    return ids

@@ -23,6 +23,7 @@ import torch
 
 from streamspec.runtime.sampling import SamplingParams, TokenChooser
 from streamspec.runtime.tree import Tree, accept, build_tree, chain_tree, single_node_tree
+from streamspec.runtime.tree_settings import TreeSettings
 
 from .attention import EagerAttention, KVCache
 from .errors import StreamspecError
@@ -43,10 +44,10 @@ class Generation:
 class ReferenceDecoder:
     """Greedy or sampling generation with an MSA model (speculative) or any model (AR)."""
 
-    def __init__(self, model: Transformer, max_length: int = 512, budget: int = 8, top_k: int = 8):
+    def __init__(self, model: Transformer, max_length: int = 512, budget: int = TreeSettings().budget, top_k: int = 8):
         self.model = model.eval()
         self.max_length = max_length
-        self.budget = budget
+        self.budget = TreeSettings(budget=budget).budget  # the engine's default and checks
         self.top_k = top_k
 
     @torch.no_grad()

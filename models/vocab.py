@@ -18,16 +18,16 @@ the end of training. `streamspec export` uses it unless told `--full-draft-vocab
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 
+from .checkpoint import VOCAB_FILE, load_draft_vocab, read_checkpoint_info, save_draft_vocab
 from .errors import StreamspecError
 
-VOCAB_FILE = "draft_vocab.safetensors"
+# The vocabulary's file in a checkpoint is the checkpoint format's (checkpoint.py): re-exported here.
+__all__ = ["VOCAB_FILE", "choose_draft_vocab", "coverage", "load_draft_vocab", "main", "save_draft_vocab"]
 
 
 def choose_draft_vocab(answers: Sequence[Sequence[int]], vocab_size: int, size: int,
@@ -51,38 +51,6 @@ def coverage(ids: torch.Tensor, answers: Sequence[Sequence[int]]) -> float:
     return float(torch.isin(tokens, ids).float().mean()) if len(tokens) else 0.0
 
 
-def save_draft_vocab(folder: Union[str, Path], ids: torch.Tensor, train_coverage: float,
-                     heldout_coverage: Optional[float] = None) -> None:
-    """Store `ids` in the checkpoint folder and describe it in its streamspec.json."""
-    from streamspec.files import write_json
-
-    from .checkpoint import CONFIG_FILE, _sha256, save_tensors
-
-    folder = Path(folder)
-    save_tensors(folder / VOCAB_FILE, {"draft_vocab": ids})
-    description = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    description["draft_vocab"] = {"file": VOCAB_FILE, "size": len(ids), "train_coverage": train_coverage,
-                                  "heldout_coverage": heldout_coverage, "sha256": _sha256(folder / VOCAB_FILE)}
-    write_json(folder / CONFIG_FILE, description)
-
-
-def load_draft_vocab(folder: Path, entry: Optional[dict], vocab_size: int) -> Optional[torch.Tensor]:
-    """The checkpoint's drafting vocabulary (None when it has none); one sentence when corrupt."""
-    from safetensors.torch import load_file
-
-    from .checkpoint import _sha256
-
-    if not entry:
-        return None
-    path = folder / str(entry.get("file", VOCAB_FILE))
-    if not path.is_file() or _sha256(path) != entry.get("sha256"):
-        raise StreamspecError(f"{path} is missing or corrupt (its sha256 differs from streamspec.json).")
-    ids = load_file(str(path)).get("draft_vocab")
-    if ids is None or ids.dtype != torch.int64 or ids.ndim != 1 or not len(ids) or int(ids.max()) >= vocab_size:
-        raise StreamspecError(f"{path} does not hold a drafting vocabulary for this model.")
-    return ids
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streamspec.models.vocab",
                                      description="Choose a checkpoint's reduced drafting vocabulary.")
@@ -91,7 +59,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=8192, help="tokens to keep (most frequent in the answers)")
     args = parser.parse_args(argv)
     try:
-        from .checkpoint import read_checkpoint_info
         from .data import read_records
 
         info = read_checkpoint_info(args.checkpoint)

@@ -7,8 +7,8 @@ that `streamspec.runtime.tree` stays importable without onnxruntime. The HTTP se
 """
 
 # public name -> the module that defines it
-_MODULES = {"Engine": "engine", "Generation": "engine", "GenerationStats": "engine",
-            "Conversation": "conversation", "Fallback": "fallback"}
+_MODULES = {"Engine": "engine", "Generation": "stats", "GenerationStats": "stats", "StepRecord": "stats",
+            "TreeSettings": "tree_settings", "Conversation": "conversation", "Fallback": "fallback"}
 __all__ = list(_MODULES)
 
 

@@ -46,8 +46,9 @@ from streamspec.files import write_atomic, write_text
 from .checks import is_integer
 from .session import common_prefix
 
-if TYPE_CHECKING:
-    from .engine import Engine, Generation, Prompt
+if TYPE_CHECKING:  # type only: engine.py imports this module (`Engine.conversation`)
+    from .engine import Engine, Prompt
+    from .stats import Generation
 
 # Version 2 added the cache's identity (kv_sha256); a version 1 save cannot be verified.
 FORMAT, FORMAT_VERSION = "streamspec-conversation", 2

@@ -9,7 +9,9 @@ draft nodes from the last accepted node's streams (`tree.build_tree`); one forwa
 verifies it and drafts the next tree; `tree.accept` walks it with the model's own
 choice at each node (argmax, or an exact in-graph sample), so the output is exactly
 what autoregressive decoding of the same weights produces (greedy: token for token;
-sampling: in distribution).
+sampling: in distribution). In the code: `_tokens` is the loop (like the PyTorch
+reference decoder's, models/reference.py), `_tree` speculates, `_step` verifies, accepts
+and compacts, `_commit` commits.
 
 Generation may start from rows already in the KV cache (`reuse_cache=True`, and
 `Conversation`, conversation.py): only the prompt tokens after the longest prefix the
@@ -26,29 +28,34 @@ candidates, and the walk still follows the model's own choice at every node.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from streamspec.errors import StreamspecError
 
 from .checks import is_integer
+from .conversation import Conversation
 from .fallback import Fallback
 from .folder import read_folder
 from .memory import MemoryEstimate, fit_to_memory, parse_size
 from .sampling import SamplingParams
 from .session import StepSession
+from .stats import Generation, GenerationStats, StepRecord
 from .tokenizer import TextStream, Tokenizer, check_text, first_stop
 from .tree import (LOOKUP, Tree, accept, add_branch, build_tree, chain_tree, in_place, lookup_draft, nodes_to_score,
                    prune, single_node_tree)
+from .tree_settings import TreeSettings
 
-if TYPE_CHECKING:
-    from .conversation import Conversation
+# GenerationStats, StepRecord and Generation live in stats.py; importing them from here still works.
+__all__ = ["Engine", "Generation", "GenerationStats", "Prompt", "PromptTooLong", "StepRecord"]
 
 Prompt = Union[str, Sequence[int], list[dict[str, Any]]]
+Draft = tuple[np.ndarray, np.ndarray]  # a node's stream top-K token ids and probabilities, [γ, K] each
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 _NO_UNIFORMS = np.zeros(0, dtype=np.float32)
 _GREEDY = dict(temperature=np.ones(1, dtype=np.float32), top_k=np.zeros(1, dtype=np.int64),
@@ -57,95 +64,6 @@ _GREEDY = dict(temperature=np.ones(1, dtype=np.float32), top_k=np.zeros(1, dtype
 
 class PromptTooLong(StreamspecError):
     """A prompt over a token limit (a server answers it with context_length_exceeded)."""
-
-
-@dataclass
-class GenerationStats:
-    """What one generation did; everything a benchmark needs."""
-
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    speculative: bool = False
-    steps: int = 0  # forward passes after the prefill
-    accepted: list[int] = field(default_factory=list)  # draft tokens accepted per step
-    tree_sizes: list[int] = field(default_factory=list)  # nodes per step (after pruning)
-    drafted_sizes: list[int] = field(default_factory=list)  # nodes per step before pruning
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    model_seconds: float = 0.0  # inside onnxruntime (prefill included)
-    stop_reason: str = "length"  # "length" | "eos" | "stop"
-    cached_tokens: int = 0  # prompt tokens whose KV rows came from the cache (not prefilled)
-    lookup_tokens: int = 0  # accepted draft tokens that came from prompt lookup (the rest: the streams)
-    fallback_steps: int = 0  # steps of a speculative generation that the fallback decoded one token at a time
-    decisions: list[dict[str, Any]] = field(default_factory=list)  # the fallback's decisions (fallback.py), with step
-
-    @property
-    def prefill_tokens(self) -> int:
-        """Prompt tokens that the prefill ran (the rest came from the cache)."""
-        return self.prompt_tokens - self.cached_tokens
-
-    @property
-    def forward_passes(self) -> int:
-        return self.steps + 1
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Tokens committed per step: 1 (the correction token) + accepted drafts."""
-        return 1.0 + (sum(self.accepted) / len(self.accepted) if self.accepted else 0.0)
-
-    @property
-    def total_seconds(self) -> float:
-        return self.prefill_seconds + self.decode_seconds
-
-    @property
-    def host_seconds(self) -> float:
-        """Time outside onnxruntime: tree building, acceptance, binding, decoding text."""
-        return max(self.total_seconds - self.model_seconds, 0.0)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.total_seconds if self.total_seconds else 0.0
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """New tokens after the first (which the prefill gives) per second of decoding."""
-        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        names = ("prompt_tokens", "cached_tokens", "new_tokens", "speculative", "steps", "forward_passes",
-                 "mean_accepted_length", "prefill_seconds", "decode_seconds", "model_seconds", "host_seconds",
-                 "tokens_per_second", "decode_tokens_per_second", "stop_reason", "lookup_tokens", "fallback_steps",
-                 "decisions")
-        return {name: getattr(self, name) for name in names}
-
-
-@dataclass
-class StepRecord:
-    """One decode step as a profiler sees it (`Engine.on_step`).
-
-    seconds: tree (building the tree and its feeds), copy_in, run, copy_out (the
-    session's split, `RunTiming`), accept (the walk), compaction (host compaction;
-    graph compaction runs inside the next step's `run`).
-    """
-
-    step: int  # 1-based
-    started: float  # time.perf_counter() at the step's start
-    tree_nodes: int
-    tree_depth: int
-    accepted: int  # draft tokens accepted
-    committed: int  # tokens committed (accepted + correction, cut at EOS / max_new_tokens)
-    cache_rows: int  # committed rows in the KV cache after the step
-    seconds: dict[str, float]
-    drafted_nodes: int  # tree nodes before pruning (tree_nodes: after)
-    lookup_nodes: int = 0  # tree nodes that prompt lookup added (the rest came from the streams)
-    lookup_accepted: int = 0  # accepted draft tokens that came from lookup
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats
 
 
 class Engine:
@@ -165,7 +83,9 @@ class Engine:
     speculate always, even where it is slower than autoregressive decoding. prune: the
     tree-pruning threshold in (0, 1) (default from streamspec.json, where `streamspec
     tune` writes it when it pays; 0: off); needs a folder exported with --pruning and host
-    compaction.
+    compaction. budget, lookup and prune are checked by `TreeSettings`
+    (runtime/tree_settings.py), held in `engine.tree_settings`, and changed between
+    generations with `engine.configure(...)`.
     `on_step`, when set, is called with a `StepRecord` after every decode step.
 
     One engine runs one generation at a time (one KV cache); a server queues requests.
@@ -177,13 +97,7 @@ class Engine:
                  lookup: Optional[int] = None, memory_budget: Union[int, str, None] = None,
                  prune: Optional[float] = None):
         self.config = read_folder(folder)
-        self.budget = self.config.default_budget if budget is None else int(budget)
-        self.lookup = self.config.default_lookup if lookup is None else int(lookup)
-        self.prune = self.config.default_prune if prune is None else float(prune)
-        if self.budget < 0 or self.lookup < 0:
-            raise StreamspecError(f"The tree budget and lookup must be >= 0, got {self.budget} and {self.lookup}.")
-        if not 0.0 <= self.prune < 1.0:
-            raise StreamspecError(f"The pruning threshold must be in [0, 1), got {self.prune}.")
+        self.tree_settings = self.config.tree.replace(budget=budget, lookup=lookup, prune=prune)
         self.memory: Optional[MemoryEstimate] = None
         if memory_budget is not None:  # size the cache to the budget, or refuse in one sentence
             self.memory = fit_to_memory(self.config, parse_size(memory_budget), max_length, self.budget,
@@ -201,6 +115,47 @@ class Engine:
     def max_length(self) -> int:
         return self.session.max_length
 
+    # The tree settings (`tree_settings`); setting one goes through the same checks as `configure`.
+    @property
+    def budget(self) -> int:
+        return self.tree_settings.budget
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        self._apply(dataclasses.replace(self.tree_settings, budget=value))
+
+    @property
+    def lookup(self) -> int:
+        return self.tree_settings.lookup
+
+    @lookup.setter
+    def lookup(self, value: int) -> None:
+        self._apply(dataclasses.replace(self.tree_settings, lookup=value))
+
+    @property
+    def prune(self) -> float:
+        return self.tree_settings.prune
+
+    @prune.setter
+    def prune(self, value: float) -> None:
+        self._apply(dataclasses.replace(self.tree_settings, prune=value))
+
+    def configure(self, budget: Optional[int] = None, lookup: Optional[int] = None,
+                  prune: Optional[float] = None) -> TreeSettings:
+        """Change the tree settings for the next generations (None keeps a value; see the
+        class docstring). A bad value is refused in one sentence and changes nothing.
+        Pruning (prune > 0) needs an engine created with pruning on, which loads the
+        split graphs; prune 0 turns it off on any engine. Returns the new settings."""
+        return self._apply(self.tree_settings.replace(budget=budget, lookup=lookup, prune=prune))
+
+    def _apply(self, settings: TreeSettings) -> TreeSettings:
+        """Use `settings` (checked already) unless this engine cannot run them."""
+        if settings.prune > 0 and not self.session.split:
+            raise StreamspecError("This engine was created without tree pruning, so it cannot prune; "
+                                  "create it with prune > 0.")
+        self.tree_settings = settings
+        return settings
+
     @property
     def can_speculate(self) -> bool:
         return self.config.num_streams > 0
@@ -211,10 +166,8 @@ class Engine:
         generation that starts with them)."""
         return self.session.contents.held()
 
-    def conversation(self, system: Optional[str] = None) -> "Conversation":
+    def conversation(self, system: Optional[str] = None) -> Conversation:
         """A chat that keeps its history in the KV cache between turns (conversation.py)."""
-        from .conversation import Conversation
-
         return Conversation(self, system=system)
 
     # ---------------------------------------------------------------- public API
@@ -332,7 +285,160 @@ class Engine:
                 f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) exceed the maximum "
                 f"length of {self.max_length} tokens; shorten the prompt or lower max_new_tokens.")
 
-    # ---------------------------------------------------------------- internals
+    # ---------------------------------------------------------------- the generation loop
+    def _tokens(self, prompt: list[int], max_new_tokens: int, params: SamplingParams, speculative: bool,
+                ignore_eos: bool, stats: GenerationStats, past: int = 0) -> Iterator[list[int]]:
+        """Yield the tokens each forward pass commits (cut at EOS and max_new_tokens): the
+        prefill, then per step speculate (`_tree`) → verify and accept (`_step`) → commit.
+
+        The cache must hold prompt[:past] (`session.contents`, past < len(prompt)): the
+        prefill runs only the rest, as a chain on top of those rows (past = 0: all of it).
+        """
+        state = _Decoding(list(prompt), past, _Chooser(params), max_new_tokens,
+                          set() if ignore_eos else set(self.config.eos_token_ids))
+        correction, draft = self._prefill(state, speculative, stats)
+        yield [correction]
+        policy = self.fallback if speculative else None
+        start = time.perf_counter()
+        try:
+            while state.produced < max_new_tokens and correction not in state.eos:
+                step_start = time.perf_counter()
+                speculate = speculative and self._speculates(policy)
+                room = self.max_length - state.past  # cache rows this step may write beyond the committed ones
+                tree = self._tree(correction, draft if speculate else None, state.history if speculate else None, room)
+                # Stream rows for the next step's draft (none when the budget takes no stream drafts).
+                drafting = speculate and self.budget > 0 and room >= tree.size * (1 + self.config.num_streams)
+                step = self._step(tree, state, drafting, stats)
+                committed = self._commit(step, state, stats)
+                if policy is not None:
+                    self._account_step(policy, speculate, step.marks[-1] - step_start, len(step.path), stats)
+                if self.on_step is not None:
+                    self._report_step(step, step_start, len(committed), state.past, stats.steps)
+                yield committed
+                correction, draft = committed[-1], step.draft
+        finally:
+            stats.decode_seconds = time.perf_counter() - start
+        stats.stop_reason = "eos" if correction in state.eos else "length"
+
+    def _prefill(self, state: _Decoding, speculative: bool, stats: GenerationStats) -> tuple[int, Optional[Draft]]:
+        """Run the prompt tokens that the cache lacks (history[past:], N of them) as a chain
+        on top of the cached rows and commit the first new token. Returns it and the first
+        draft: the streams of the last prompt token (None when not speculating)."""
+        start = time.perf_counter()
+        contents, past = self.session.contents, state.past
+        # Graph compaction: rows of the last generation's accepted path may still be
+        # waiting to move into place; this run moves them (compact_src) before its own rows.
+        pending = contents.keep(past)
+        contents.keep(past - len(pending))  # while a run is in flight, only rows it leaves alone are known
+        stats.cached_tokens = past
+        n = len(state.history) - past
+        last = np.array([n - 1], dtype=np.int64)  # the only row whose next token (and streams) matter
+        stream_nodes = self._stream_nodes(n, False)
+        if speculative and not len(stream_nodes) and past + n + self.config.num_streams <= self.max_length:
+            stream_nodes = last
+        out = self._run(chain_tree(state.history[past:]), past, pending, stream_nodes, last, state.chooser.feeds,
+                        state.chooser.uniforms.at(np.zeros(1, dtype=np.int64)), stats, tree_mask=np.tri(n, dtype=bool))
+        correction = state.chooser(out, 0)
+        draft = _draft(out, n - 1) if speculative and len(stream_nodes) else None
+        state.history.append(correction)  # committed, but its row comes with the next step
+        state.past, state.produced = past + n, 1
+        contents.set(state.history, state.past)
+        stats.prefill_seconds = time.perf_counter() - start
+        stats.new_tokens = 1
+        return correction, draft
+
+    def _speculates(self, policy: Optional[Fallback]) -> bool:
+        """Whether this step drafts: the settings ask for drafts, and the fallback (when
+        there is one) does not decode autoregressively now."""
+        return (self.budget > 0 or self.lookup > 0) and (policy is None or policy.speculate())
+
+    def _tree(self, root: int, draft: Optional[Draft], history: Optional[list[int]], room: int) -> Tree:
+        """The step's tree: the root, the `budget` best stream drafts, and a prompt-lookup
+        chain of up to `lookup` tokens (merged where it repeats a stream draft), within the
+        `room` cache rows this step may write (every node takes 1 + γ rows)."""
+        fits = room // (1 + self.config.num_streams) - 1  # draft nodes that fit beside the root
+        tree = single_node_tree(root)
+        if draft is not None and fits >= 1:
+            tree = build_tree(root, draft[0], draft[1], min(self.budget, fits))
+        if history is not None and self.lookup and fits > tree.size - 1:
+            tree = add_branch(tree, lookup_draft(history, min(self.lookup, fits - tree.size + 1)))
+        return tree
+
+    def _step(self, tree: Tree, state: _Decoding, drafting: bool, stats: GenerationStats) -> _Step:
+        """One speculative step over `tree` (N nodes, ancestors first) on top of the
+        committed rows: one forward pass verifies it (after pruning it, when pruning is on);
+        the walk accepts the longest path on which every draft is the model's own choice;
+        that path's KV rows move to [past, past + len(path)); the next draft comes from
+        the streams of the path's last node when `drafting`. Commits nothing (`_commit`)."""
+        drafted = tree.size
+        self.session.contents.keep(state.past - len(state.pending))
+        # A node at depth d samples token produced + d with that token's own number (`_Uniforms`).
+        uniform_at = lambda depths: state.chooser.uniforms.at(state.produced + depths)  # noqa: E731
+        kept = None  # pruning: the kept nodes' indices in the drafted tree [K]
+        if self.prune > 0 and tree.size > 1:
+            tree, kept, out = self._pruned_step(tree, state.past, drafting, state.chooser.feeds, uniform_at, stats)
+        else:
+            out = self._run(tree, state.past, state.pending, self._stream_nodes(tree.size, drafting),
+                            np.arange(tree.size, dtype=np.int64), state.chooser.feeds, uniform_at(tree.depths), stats)
+        ran = time.perf_counter()
+        path, correction = accept(tree, lambda node: state.chooser(out, node))
+        accepted = time.perf_counter()
+        pending = self._compact(state.past, path, None if kept is None else kept[path])
+        compacted = time.perf_counter()
+        draft = _draft(out, path[-1]) if drafting else None
+        return _Step(tree, drafted, path, correction, draft, out, pending, (ran, accepted, compacted))
+
+    def _compact(self, past: int, path: list[int], lower_rows: Optional[np.ndarray]) -> np.ndarray:
+        """Move the accepted path's KV rows past + path[i] to past + i (a leading run with
+        path[i] == i stays). Host compaction moves them now (lower_rows [len(path)]: where
+        a pruned tree's lower-layer rows sit, its drafted indices); graph compaction leaves
+        them to the next run. Returns the rows [R] that the next run must still move."""
+        if self.session.compaction == "host":
+            self.session.compact_on_host(past, path, lower_rows)
+            return _NO_ROWS
+        return past + np.asarray(path[in_place(path):], dtype=np.int64)
+
+    def _commit(self, step: _Step, state: _Decoding, stats: GenerationStats) -> list[int]:
+        """Commit a step: its accepted drafts and correction token (cut at EOS and
+        max_new_tokens) join the history, its path's rows the cache, and the stats count
+        it. Returns the committed tokens."""
+        state.past += len(step.path)
+        state.pending = step.pending
+        committed = _cut(step.tokens + [step.correction], state.max_new_tokens - state.produced, state.eos)
+        state.produced += len(committed)
+        state.history.extend(committed)
+        self.session.contents.set(state.history, state.past, state.pending)
+        stats.steps += 1
+        stats.accepted.append(len(step.path) - 1)
+        stats.lookup_tokens += step.looked_up
+        stats.tree_sizes.append(step.tree.size)
+        stats.drafted_sizes.append(step.drafted)
+        stats.new_tokens = state.produced
+        return committed
+
+    @staticmethod
+    def _account_step(policy: Fallback, speculated: bool, seconds: float, tokens: int,
+                      stats: GenerationStats) -> None:
+        """Tell the fallback policy what the step cost; list its decision in the stats."""
+        if not speculated:
+            stats.fallback_steps += 1
+        decision = policy.record(speculated, seconds, tokens)
+        if decision is not None:
+            stats.decisions.append(dict(step=stats.steps, **decision))
+
+    def _report_step(self, step: _Step, started: float, committed: int, past: int, number: int) -> None:
+        """Hand `on_step` the record of step `number`; the session's own split covers the run."""
+        ran, accepted_at, compacted = step.marks
+        timing = self.session.last_timing
+        run_total = timing.copy_in + timing.run + timing.copy_out
+        seconds = dict(tree=max(ran - started - run_total, 0.0), copy_in=timing.copy_in, run=timing.run,
+                       copy_out=timing.copy_out, accept=accepted_at - ran, compaction=compacted - accepted_at)
+        tree = step.tree
+        lookup_nodes = 0 if tree.sources is None else int((tree.sources == LOOKUP).sum())
+        self.on_step(StepRecord(number, started, tree.size, int(tree.depths.max()), len(step.path) - 1, committed,
+                                past, seconds, step.drafted, lookup_nodes, step.looked_up))
+
+    # ---------------------------------------------------------------- forward passes
     def _run(self, tree: Tree, past: int, compact_src: np.ndarray, stream_nodes: np.ndarray,
              output_nodes: np.ndarray, sampling: Optional[dict[str, np.ndarray]], uniform: np.ndarray,
              stats: GenerationStats, tree_mask: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
@@ -391,140 +497,7 @@ class Engine:
             return np.arange(nodes, dtype=np.int64)
         return _NO_ROWS
 
-    def _tokens(self, prompt: list[int], max_new_tokens: int, params: SamplingParams, speculative: bool,
-                ignore_eos: bool, stats: GenerationStats, past: int = 0) -> Iterator[list[int]]:
-        """Yield the tokens each forward pass commits (cut at EOS and max_new_tokens).
-
-        The cache must hold prompt[:past] (`session.contents`, past < len(prompt)): the
-        prefill runs only the rest, as a chain on top of those rows (past = 0: all of it).
-        """
-        uniforms = _Uniforms(params.seed, enabled=not params.greedy)
-        sampling = None if params.greedy else dict(
-            temperature=np.array([params.temperature], dtype=np.float32),
-            top_k=np.array([params.top_k], dtype=np.int64), top_p=np.array([params.top_p], dtype=np.float32))
-        if params.greedy:
-            choose = lambda out, node: int(out["main_ids"][node, 0])  # noqa: E731
-        else:
-            choose = lambda out, node: int(out["sampled_ids"][node])  # noqa: E731
-        eos = set() if ignore_eos else set(self.config.eos_token_ids)
-        g, limit = self.config.num_streams, self.max_length
-        host_compaction = self.session.compaction == "host"
-        policy = self.fallback if speculative else None
-        contents = self.session.contents
-        history = list(prompt)  # committed tokens: the cache rows [0, past) hold history[:past]
-
-        start = time.perf_counter()
-        # Graph compaction: rows of the last generation's accepted path may still be
-        # waiting to move into place; this run moves them (compact_src) before its own rows.
-        pending = contents.keep(past)
-        contents.keep(past - len(pending))  # while a run is in flight, only rows it leaves alone are known
-        stats.cached_tokens = past
-        n = len(prompt) - past
-        # Only the last prompt token's streams are needed for the first draft.
-        stream_nodes = self._stream_nodes(n, False)
-        if speculative and not len(stream_nodes) and past + n + g <= limit:
-            stream_nodes = np.array([n - 1], dtype=np.int64)
-        out = self._run(chain_tree(prompt[past:]), past, pending, stream_nodes, np.array([n - 1], dtype=np.int64),
-                        sampling, uniforms.at(np.zeros(1, dtype=np.int64)), stats,
-                        tree_mask=np.tri(n, dtype=bool))
-        correction = choose(out, 0)
-        draft = _draft(out, n - 1) if speculative and len(stream_nodes) else None
-        past, pending, produced = len(prompt), _NO_ROWS, 1
-        history.append(correction)  # committed, but its row comes with the next step
-        contents.set(history, past)
-        stats.prefill_seconds = time.perf_counter() - start
-        stats.new_tokens = 1
-        yield [correction]
-        start = time.perf_counter()
-        try:
-            while produced < max_new_tokens and correction not in eos:
-                step_start = time.perf_counter()
-                room = limit - past  # cache rows this step may write beyond the committed ones
-                speculate = (speculative and (self.budget > 0 or self.lookup > 0)
-                             and (policy is None or policy.speculate()))
-                tree = self._tree(correction, draft if speculate else None, history if speculate else None, room)
-                drafted = tree.size
-                # Streams for the next step's tree (none when the budget takes no stream drafts).
-                drafting = speculate and self.budget > 0 and room >= tree.size * (1 + g)
-                contents.keep(past - len(pending))
-                kept = None  # pruning: the kept nodes' indices in the drafted tree
-                if self.prune > 0 and tree.size > 1:
-                    tree, kept, out = self._pruned_step(tree, past, drafting, sampling,
-                                                        lambda depths: uniforms.at(produced + depths), stats)
-                else:
-                    out = self._run(tree, past, pending, self._stream_nodes(tree.size, drafting),
-                                    np.arange(tree.size, dtype=np.int64), sampling, uniforms.at(produced + tree.depths),
-                                    stats)
-                ran = time.perf_counter()
-                path, correction = accept(tree, lambda node: choose(out, node))
-                accepted = time.perf_counter()
-                # Rows past + path[i] move to past + i (the lower layers' rows of a pruned
-                # tree sit at its drafted indices); a leading run with path[i] == i stays.
-                if host_compaction:
-                    self.session.compact_on_host(past, path, None if kept is None else kept[path])
-                else:
-                    pending = past + np.asarray(path[in_place(path):], dtype=np.int64)
-                compacted = time.perf_counter()
-                past += len(path)
-                draft = _draft(out, path[-1]) if drafting else None
-                stats.steps += 1
-                stats.accepted.append(len(path) - 1)
-                looked_up = sum(tree.source_of(node) == LOOKUP for node in path[1:])
-                stats.lookup_tokens += looked_up
-                stats.tree_sizes.append(tree.size)
-                stats.drafted_sizes.append(drafted)
-                committed = _cut([int(t) for t in tree.tokens[path[1:]]] + [correction],
-                                 max_new_tokens - produced, eos)
-                produced += len(committed)
-                stats.new_tokens = produced
-                history.extend(committed)
-                contents.set(history, past, pending)
-                if policy is not None:
-                    self._account_step(policy, speculate, compacted - step_start, len(path), stats)
-                if self.on_step is not None:
-                    self._report_step(stats.steps, tree, len(path) - 1, len(committed), past,
-                                      (step_start, ran, accepted, compacted), drafted, looked_up)
-                yield committed
-                correction = committed[-1]
-        finally:
-            stats.decode_seconds = time.perf_counter() - start
-        stats.stop_reason = "eos" if correction in eos else "length"
-
-    def _tree(self, root: int, draft: Optional[tuple[np.ndarray, np.ndarray]], history: Optional[list[int]],
-              room: int) -> Tree:
-        """The step's tree: the root, the `budget` best stream drafts, and a prompt-lookup
-        chain of up to `lookup` tokens (merged where it repeats a stream draft), within the
-        `room` cache rows this step may write (every node takes 1 + γ rows)."""
-        fits = room // (1 + self.config.num_streams) - 1  # draft nodes that fit beside the root
-        tree = single_node_tree(root)
-        if draft is not None and fits >= 1:
-            tree = build_tree(root, draft[0], draft[1], min(self.budget, fits))
-        if history is not None and self.lookup and fits > tree.size - 1:
-            tree = add_branch(tree, lookup_draft(history, min(self.lookup, fits - tree.size + 1)))
-        return tree
-
-    @staticmethod
-    def _account_step(policy: Fallback, speculated: bool, seconds: float, tokens: int,
-                      stats: GenerationStats) -> None:
-        """Tell the fallback policy what the step cost; list its decision in the stats."""
-        if not speculated:
-            stats.fallback_steps += 1
-        decision = policy.record(speculated, seconds, tokens)
-        if decision is not None:
-            stats.decisions.append(dict(step=stats.steps, **decision))
-
-    def _report_step(self, step: int, tree: Tree, accepted: int, committed: int, past: int,
-                     marks: tuple[float, float, float, float], drafted: int, looked_up: int) -> None:
-        """Hand `on_step` the step's record; the session's own split covers the run."""
-        step_start, ran, accepted_at, compacted = marks
-        timing = self.session.last_timing
-        run_total = timing.copy_in + timing.run + timing.copy_out
-        seconds = dict(tree=max(ran - step_start - run_total, 0.0), copy_in=timing.copy_in, run=timing.run,
-                       copy_out=timing.copy_out, accept=accepted_at - ran, compaction=compacted - accepted_at)
-        lookup_nodes = 0 if tree.sources is None else int((tree.sources == LOOKUP).sum())
-        self.on_step(StepRecord(step, step_start, tree.size, int(tree.depths.max()), accepted, committed, past,
-                                seconds, drafted, lookup_nodes, looked_up))
-
+    # ---------------------------------------------------------------- text
     def _text(self, tokens: Iterator[list[int]], stops: list[str], stats: GenerationStats) -> Iterator[str]:
         """Decode committed tokens into text pieces, cut before the first stop string."""
         decoder = TextStream(self.tokenizer)
@@ -580,7 +553,62 @@ class _Uniforms:
         return self.values[indices]
 
 
-def _draft(out: dict[str, np.ndarray], node: int) -> tuple[np.ndarray, np.ndarray]:
+
+class _Chooser:
+    """How a generation picks the token after a node: the main stream's argmax (greedy),
+    or the graph's exact sample drawn with the generation's own numbers (`_Uniforms`)."""
+
+    def __init__(self, params: SamplingParams):
+        self.greedy = params.greedy
+        # The graph's sampling inputs, [1] each (None: greedy, the graph samples nothing).
+        self.feeds: Optional[dict[str, np.ndarray]] = None if params.greedy else dict(
+            temperature=np.array([params.temperature], dtype=np.float32),
+            top_k=np.array([params.top_k], dtype=np.int64), top_p=np.array([params.top_p], dtype=np.float32))
+        self.uniforms = _Uniforms(params.seed, enabled=not params.greedy)
+
+    def __call__(self, out: dict[str, np.ndarray], node: int) -> int:
+        """The token chosen after output node `node`: main_ids [O, K] or sampled_ids [O]."""
+        return int(out["main_ids"][node, 0]) if self.greedy else int(out["sampled_ids"][node])
+
+
+@dataclass
+class _Decoding:
+    """One generation's state between steps (`Engine._tokens`)."""
+
+    history: list[int]  # the prompt and every committed token; cache rows [0, past) hold history[:past]
+    past: int  # committed rows in the KV cache (the last committed token's row comes with the next step)
+    chooser: _Chooser
+    max_new_tokens: int
+    eos: set[int]  # end-of-sequence ids that end the generation (none with ignore_eos)
+    produced: int = 0  # tokens generated so far
+    pending: np.ndarray = field(default_factory=lambda: _NO_ROWS)  # graph compaction: rows [R] the next run moves
+
+
+@dataclass
+class _Step:
+    """What one speculative step decided (`Engine._step`); nothing is committed yet."""
+
+    tree: Tree  # the tree that was verified: the drafted one, or what pruning kept of it
+    drafted: int  # nodes of the drafted tree (before pruning)
+    path: list[int]  # accepted nodes of `tree`, from the root (node 0)
+    correction: int  # the model's token after the path's last node
+    draft: Optional[Draft]  # the next tree's draft (None: this step drafted nothing)
+    outputs: dict[str, np.ndarray]  # the graph's outputs, per output node (main_ids [N, K], ...)
+    pending: np.ndarray  # graph compaction: cache rows [R] the next run moves into place
+    marks: tuple[float, float, float]  # time.perf_counter() after the run, the walk and the compaction
+
+    @property
+    def tokens(self) -> list[int]:
+        """The accepted draft tokens (the path after the root)."""
+        return [int(t) for t in self.tree.tokens[self.path[1:]]]
+
+    @property
+    def looked_up(self) -> int:
+        """Accepted draft tokens that prompt lookup proposed (the rest came from the streams)."""
+        return sum(self.tree.source_of(node) == LOOKUP for node in self.path[1:])
+
+
+def _draft(out: dict[str, np.ndarray], node: int) -> Draft:
     """The next draft: stream top-K ids and probabilities [γ, K] of the graph's draft node,
     which must be the node the host's walk ended on (same rule, same choices)."""
     if int(out["draft_node"][0]) != node:

@@ -25,9 +25,9 @@ streamspec.json, format_version 1:
                        has `dtype`)}; the last two are optional (older folders lack them)
     tokens            {eos_token_ids, bos_token_id, pad_token_id}
     tokenizer         {file, chat_template (file name or null), bos_token, eos_token}
-    tree              {budget, lookup, prune}: the default number of draft nodes, of
-                      prompt-lookup draft tokens and the pruning threshold (0: off)
-                      (`streamspec tune` writes them)
+    tree              {budget, lookup, prune, tuned}: the default number of draft nodes,
+                      of prompt-lookup draft tokens and the pruning threshold (0: off)
+                      (runtime/tree_settings.py; `streamspec tune` writes them)
     source            {kind: "base" | "checkpoint", name}
 
 `read_folder` is the one reader: every key the runtime uses is checked for its type and
@@ -48,6 +48,7 @@ from typing import Any, Callable, Optional, Union
 from streamspec.errors import StreamspecError, read_json_file
 
 from .checks import is_integer, is_number
+from .tree_settings import MAX_NODES, TreeSettings
 
 FORMAT = "streamspec-deployable"
 FORMAT_VERSION = 1
@@ -132,13 +133,23 @@ class DeployConfig:
         return self.raw["tokenizer"]
 
     @property
+    def path(self) -> Path:
+        """The folder's streamspec.json."""
+        return self.folder / CONFIG_FILE
+
+    @property
+    def tree(self) -> TreeSettings:
+        """The default tree settings (`tree`; runtime/tree_settings.py)."""
+        return TreeSettings.from_entry(self.raw.get("tree"))
+
+    @property
     def default_budget(self) -> int:
-        return int(self.raw.get("tree", {}).get("budget", 8))
+        return self.tree.budget
 
     @property
     def default_lookup(self) -> int:
         """Prompt-lookup draft tokens per step (0: off)."""
-        return int(self.raw.get("tree", {}).get("lookup", 0))
+        return self.tree.lookup
 
     @property
     def can_prune(self) -> bool:
@@ -148,13 +159,13 @@ class DeployConfig:
     @property
     def default_prune(self) -> float:
         """The tree-pruning threshold (0: off; `streamspec tune` writes it)."""
-        return float(self.raw.get("tree", {}).get("prune", 0.0))
+        return self.tree.prune
 
     def fingerprint(self) -> str:
         """A short hash that tells exported models apart (a saved conversation carries it):
         streamspec.json, and the size and 64 evenly spread 64 KiB blocks of each graph
         file (hashing whole weight files would take seconds on a device)."""
-        digest = hashlib.sha256((self.folder / CONFIG_FILE).read_bytes())
+        digest = hashlib.sha256(self.path.read_bytes())
         for name in filter(None, (self.graph["file"], self.graph.get("external_data"))):
             with open(self.folder / name, "rb") as file:
                 size = file.seek(0, os.SEEK_END)
@@ -246,8 +257,8 @@ SCHEMA: dict[str, Rule] = {
     "tokenizer.bos_token?": optional(STRING),
     "tokenizer.eos_token?": optional(STRING),
     "tree?": OBJECT,
-    "tree.budget?": integer(0, 4096),
-    "tree.lookup?": integer(0, 4096),
+    "tree.budget?": integer(0, MAX_NODES),  # the ranges of TreeSettings
+    "tree.lookup?": integer(0, MAX_NODES),
     "tree.prune?": number(0.0, 1.0),
     "source?": optional(OBJECT),
 }

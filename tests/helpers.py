@@ -70,6 +70,15 @@ def oracle_tree(root: int, right: list[int], vocab: int = 128):
                 np.ones(len(tokens), np.float32))
 
 
+def count_generated(engine, monkeypatch) -> Callable[[], int]:
+    """A function that says how many tokens the engine's generation has produced so far
+    (the prefill's one, then what each step committed: `Engine.on_step`), for planted
+    trees that must continue a reference from where the generation stands."""
+    records = []
+    monkeypatch.setattr(engine, "on_step", records.append)
+    return lambda: 1 + sum(record.committed for record in records)
+
+
 def generate_with_oracle_trees(engine, prompt_ids: list[int], reference: Sequence[int],
                                max_new_tokens: int, monkeypatch) -> tuple[list[int], object]:
     """Greedy speculative generation whose trees hold the true continuation off the first branch.
@@ -80,15 +89,13 @@ def generate_with_oracle_trees(engine, prompt_ids: list[int], reference: Sequenc
     """
     from streamspec.runtime import engine as engine_module
 
-    produced: list[int] = []
+    generated = count_generated(engine, monkeypatch)  # the root is reference[generated() - 1]
 
     def planted(root, stream_ids, stream_probs, budget):
-        start = len(produced)
+        start = generated()
         return oracle_tree(root, list(reference[start:start + 3]))
 
     monkeypatch.setattr(engine_module, "build_tree", planted)
     monkeypatch.setattr(engine, "fallback", None)  # every step speculates: the trees are the point
-    stats = engine_module.GenerationStats()
-    for ids in engine._tokens(prompt_ids, max_new_tokens, engine_module.SamplingParams(), True, True, stats):
-        produced += ids
-    return produced, stats
+    result = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, ignore_eos=True)
+    return result.token_ids, result.stats

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import assert_runs_without_heavy_imports, assert_tokens_match
+from helpers import assert_runs_without_heavy_imports, assert_tokens_match, count_generated
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
 from streamspec.runtime.folder import read_folder
@@ -134,10 +134,10 @@ def test_pruning_with_long_accepted_paths_compacts_both_layer_groups(folders, mo
     prompt = PROMPTS[0]
     reference, logits = hf_greedy(folders["hf"], prompt, 30)
     engine = Engine(folders["split"], provider="cpu", prune=0.999, fallback=False)
-    produced: list[int] = []
+    generated = count_generated(engine, monkeypatch)
 
     def planted(root, stream_ids, stream_probs, budget):
-        right = list(reference[len(produced):len(produced) + 3]) or [0]
+        right = list(reference[generated():generated() + 3]) or [0]
         tokens = [root, (right[0] + 1) % 128] + right + [(right[0] + 2) % 128]
         parents = [-1, 0, 0] + list(range(2, len(right) + 1)) + [2]
         depths = [0, 1] + list(range(1, len(right) + 1)) + [2]
@@ -146,10 +146,9 @@ def test_pruning_with_long_accepted_paths_compacts_both_layer_groups(folders, mo
                     np.array(probs, np.float32))
 
     monkeypatch.setattr(engine_module, "build_tree", planted)
-    stats = engine_module.GenerationStats()
-    for ids in engine._tokens(prompt, 30, engine_module.SamplingParams(), True, True, stats):
-        produced += ids
-    assert_tokens_match(produced, reference, logits)
+    result = engine.generate(prompt, max_new_tokens=30, ignore_eos=True)
+    stats = result.stats
+    assert_tokens_match(result.token_ids, reference, logits)
     assert max(stats.accepted) >= 2 and sum(stats.tree_sizes) < sum(stats.drafted_sizes)
 
 
