@@ -101,6 +101,11 @@ def test_engine_arms_set_their_tree_before_each_call():
     class FakeEngine:
         budget, lookup, prune = 4, 0, 0.0
 
+        def configure(self, **settings):  # as Engine.configure: None keeps a value
+            for key, value in settings.items():
+                if value is not None:
+                    setattr(self, key, value)
+
         def generate(self, ids, max_new_tokens, speculative, **options):
             self.calls.append((self.budget, self.lookup, self.prune, speculative, options))
             stats = type("Stats", (), {"forward_passes": 1})()

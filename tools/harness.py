@@ -274,13 +274,11 @@ def engine_arm(name: str, engine: Any, max_new_tokens: int, speculative: bool = 
                lookup: Optional[int] = None, prune: Optional[float] = None, **options: Any) -> Arm:
     """An arm that runs `Engine.generate`. Several arms may share one engine (one loaded
     model, several tree settings): the given budget / lookup / prune are set before each
-    call; None leaves the engine's own. `options` go to `generate` (ignore_eos, ...)."""
-    tree = {key: value for key, value in (("budget", budget), ("lookup", lookup), ("prune", prune))
-            if value is not None}
+    call (`Engine.configure`, which checks them); None leaves the engine's own. `options`
+    go to `generate` (ignore_eos, ...)."""
 
     def generate(ids: list[int]) -> Output:
-        for key, value in tree.items():  # until Engine grows a validated configure(), as the engine reads them
-            setattr(engine, key, value)
+        engine.configure(budget=budget, lookup=lookup, prune=prune)
         result = engine.generate(ids, max_new_tokens=max_new_tokens, speculative=speculative, **options)
         return Output(list(result.token_ids), result.stats.forward_passes, result.stats)
 
