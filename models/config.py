@@ -17,6 +17,20 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + ("opt",)
 
 
+def _rope_settings(d: dict) -> tuple[float, Optional[dict]]:
+    """(rope_theta, rope_scaling or None) from a config dict of either layout:
+    transformers 4 writes `rope_theta` and `rope_scaling`; transformers 5 writes one
+    `rope_parameters` dict ({"rope_theta", "rope_type", ...scaling keys}). A folder
+    converted by one version may be read by the other (transformers 4 keeps the unknown
+    `rope_parameters` key as it is), so `rope_parameters` wins when it is there."""
+    parameters = d.get("rope_parameters")
+    if isinstance(parameters, dict) and "rope_theta" in parameters:
+        scaling = {k: v for k, v in parameters.items() if k != "rope_theta"}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        return float(parameters["rope_theta"]), (None if kind == "default" else scaling)
+    return float(d.get("rope_theta", 10000.0)), d.get("rope_scaling")
+
+
 @dataclass
 class ModelConfig:
     """The base decoder. `family` is "llama" (Llama, Mistral, Qwen2, SmolLM) or "opt"."""
@@ -89,7 +103,7 @@ class ModelConfig:
             )
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        rope_scaling = d.get("rope_scaling")
+        rope_theta, rope_scaling = _rope_settings(d)
         rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
         if rope_type not in ("default", "linear", "llama3", "yarn"):
             raise StreamspecError(
@@ -110,7 +124,7 @@ class ModelConfig:
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=d.get("rope_theta", 10000.0),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             attention_bias=True if qwen else d.get("attention_bias", False),
             output_bias=False if qwen else d.get("attention_bias", False),

@@ -365,10 +365,20 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    options: dict[str, Any] = {}
+    try:  # transformers >= 5 keeps GGUF blocks packed unless told to dequantize them
+        from transformers import GgufConfig
+    except ImportError:  # transformers 4 always dequantizes
+        pass
+    else:
+        options["quantization_config"] = GgufConfig(dequantize=True)
     try:  # transformers shows its own progress bar while it dequantizes
         model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **options
         )
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:  # transformers 5: plain fp32 weights now, saved as such
+            quantizer.remove_quantization_config(model)
     except Exception as exc:
         raise StreamspecError(f"{gguf} could not be converted by transformers ({exc}).") from None
     if model.config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -385,6 +395,33 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     # save_jinja_files=False keeps the chat template inside tokenizer_config.json, where
     # the runtime (tokenizers + jinja2, no transformers) looks for it.
     tokenizer.save_pretrained(str(out), save_jinja_files=False)
+    _readable_by_transformers_4(out)
+
+
+def _readable_by_transformers_4(folder: Path) -> None:
+    """Make a folder converted by transformers 5 readable by transformers 4 too.
+
+    The base cache serves whichever transformers is installed (the `bench` extra installs
+    a 4.x, `train` may have installed a 5.x before). transformers 5 writes RoPE as one
+    `rope_parameters` dict, which transformers 4 ignores (it would use its default
+    rope_theta), and names its own tokenizer class `TokenizersBackend`, which
+    transformers 4 cannot find. So the 4.x keys are added; transformers 5 reads both.
+    """
+    from streamspec.files import write_json
+
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        config["rope_theta"] = rope["rope_theta"]
+        config["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+        write_json(config_path, config, indent=2)
+    tokenizer_path = folder / "tokenizer_config.json"
+    tokenizer = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+    if tokenizer.get("tokenizer_class") == "TokenizersBackend":
+        tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
+        write_json(tokenizer_path, tokenizer, indent=2)
 
 
 def check_tokenizer(tokenizer: "PreTrainedTokenizerBase", source: str) -> None:

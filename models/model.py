@@ -160,9 +160,15 @@ class Block(nn.Module):
 def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [D/2] and attention scaling for the config's RoPE variant.
 
-    transformers' own RoPE initialisers are used so every scaling type matches the
-    reference implementation exactly.
+    Plain RoPE is computed here, as transformers computes it (transformers 5 no longer
+    lists it among its initialisers); scaled variants use transformers' own
+    initialisers, so every scaling type matches the reference implementation exactly.
     """
+    rope_type = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        dim = config.head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        return 1.0 / (config.rope_theta ** exponents), 1.0
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -174,7 +180,6 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
         rope_scaling=config.rope_scaling,
         max_position_embeddings=config.max_position_embeddings,
     )
-    rope_type = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type", "default"))
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
     return inv_freq.float(), float(scaling)
 

@@ -35,7 +35,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def unbatched_greedy(folder: Path, messages: list[dict], eos_ids: set[int]) -> tuple[list[int], list[int]]:
     """Prompt ids and the greedy answer of one prompt on its own (no padding)."""
     tokenizer, model = load_tokenizer(folder), load_base_model(folder)
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=2)
     answer = out[0, len(prompt):].tolist()

@@ -304,7 +304,8 @@ def test_chat_template_matches_transformers(engines):
 
     hf_folder, folder = engines["llama"]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
-    expected = AutoTokenizer.from_pretrained(str(hf_folder)).apply_chat_template(messages, add_generation_prompt=True)
+    expected = AutoTokenizer.from_pretrained(str(hf_folder)).apply_chat_template(messages, add_generation_prompt=True,
+                                                                                          return_dict=False)
     assert Engine(folder, provider="cpu").prompt_ids(messages) == list(expected)
 
 
@@ -442,7 +443,7 @@ def test_smollm2_greedy_equals_transformers(smollm2_onnx):
     accepted = pruned = 0
     for prompt in prompts:
         ids = engine.prompt_ids(prompt)
-        expected_ids = (tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        expected_ids = (tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
                         if isinstance(prompt, list) else tokenizer(prompt)["input_ids"])
         assert ids == list(expected_ids)
         reference, logits = hf_greedy(hf_folder, ids, 24)

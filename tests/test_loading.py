@@ -204,6 +204,9 @@ def test_default_gguf_is_cached(smollm2_dir, monkeypatch):
     assert load_hf_config(smollm2_dir).model_type == "llama"
     config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in config["chat_template"]
+    # Readable by transformers 4 and 5 alike, whichever converted it (loading.py).
+    assert config.get("tokenizer_class") != "TokenizersBackend"
+    assert json.loads((smollm2_dir / "config.json").read_text())["rope_theta"] == 100000.0
 
 
 def test_smollm2_chat_template(smollm2_dir):

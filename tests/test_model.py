@@ -51,6 +51,28 @@ def test_unsupported_architecture_is_one_sentence():
         ModelConfig.from_hf({"model_type": "gpt2"})
 
 
+def test_rope_settings_from_either_transformers_layout():
+    """transformers 4 writes rope_theta + rope_scaling, transformers 5 one rope_parameters
+    dict; a folder may carry both (models/loading.py adds the 4.x keys), and a 4.x reader
+    then also sees the 5.x dict, which wins."""
+    base = {"model_type": "llama", "vocab_size": 8, "hidden_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 32}
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    layouts = [
+        ({"rope_theta": 5e5, "rope_scaling": None}, (5e5, None)),
+        ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}, (5e5, None)),
+        ({"rope_theta": 1e4, "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}, (5e5, None)),
+        ({"rope_theta": 5e5, "rope_scaling": llama3}, (5e5, llama3)),
+        ({"rope_parameters": {"rope_theta": 5e5, **llama3}}, (5e5, llama3)),
+    ]
+    for keys, (theta, scaling) in layouts:
+        config = ModelConfig.from_hf({**base, **keys})
+        assert (config.rope_theta, config.rope_scaling) == (theta, scaling), keys
+    with pytest.raises(StreamspecError, match="'dynamic' is not supported"):
+        ModelConfig.from_hf({**base, "rope_parameters": {"rope_theta": 1e4, "rope_type": "dynamic", "factor": 2.0}})
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_stream_rule(family):
     """Stream j of row t sees main rows <= t and streams 1..j of row t, nothing else."""

@@ -30,7 +30,8 @@ def smollm2(smollm2_dir):
 
 
 def chat_ids(tokenizer, text):
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         return_dict=False)
 
 
 def test_logits_match_transformers(smollm2):
