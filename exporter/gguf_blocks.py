@@ -3,7 +3,7 @@
 The default base model is a Q4_1 GGUF: its weights *are* 4-bit blocks. Re-quantizing
 their de-quantized values onto a new 4-bit grid loses what the file had exactly (an
 integer zero point cannot hit a Q4_1 block's offset m/d; about 8% relative error per
-MatMul, DESIGN.md). Instead each GGUF block becomes a block of
+MatMul, docs/design.md). Instead each GGUF block becomes a block of
 `com.microsoft.MatMulNBits` (and the embedding's of `GatherBlockQuantized`):
 
     GGUF                          per block (32 weights along K)     MatMulNBits / Gather

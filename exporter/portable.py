@@ -65,7 +65,7 @@ def _scalar(value):
 
 
 def new_row_visibility(tree_mask, stream_nodes, num_streams: int):
-    """Which new rows each new row sees: bool [R, R], R = N + L*γ (DESIGN.md's MSA rule).
+    """Which new rows each new row sees: bool [R, R], R = N + L*γ (docs/design.md's MSA rule).
 
     Main row i sees the main rows marked in tree_mask[i]; stream j of node
     stream_nodes[k] (row N + k*γ + j - 1) sees its node's main rows and streams 1..j of

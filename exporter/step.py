@@ -38,7 +38,7 @@ stream node whose ancestors' choices all equal their child's token on its path. 
 whose parent has no output (a prompt's) count as accepted, so a prefill drafts from
 its last token. The engine checks that `draft_node` is the end of its own path.
 
-Tree pruning (DESIGN.md) needs the host between the lower and the upper layers, so a
+Tree pruning (docs/design.md) needs the host between the lower and the upper layers, so a
 folder exported with pruning also holds the step cut in two graphs that share the KV
 cache buffers (layers [0, m) and [m, L), m = the first MSA layer):
 

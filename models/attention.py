@@ -5,7 +5,7 @@ an *attention backend*, which owns the KV cache and decides what each row may se
 `EagerAttention` is the PyTorch backend (training, the reference decoder, and the
 tracing target of the exporter's backends, which replace it with ONNX Runtime ops).
 
-Row layout of a step with N tree nodes and γ streams (DESIGN.md):
+Row layout of a step with N tree nodes and γ streams (docs/design.md):
   rows [0, N)               main rows, one per tree node
   row  N + n*γ + (j - 1)    stream j (1..γ) of node n   (MSA layers only)
 """

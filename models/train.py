@@ -1,6 +1,6 @@
 """Training the speculative streams (and the early-exit adapter) on distilled answers.
 
-Loss of a batch of windows (DESIGN.md):
+Loss of a batch of windows (docs/design.md):
     α0·CE(main) + Σ_j α_j·CE(stream j) + α_exit·KL(main ‖ exit)
 The main term only counts in shared mode: in lossless mode no trained parameter
 touches the main stream. The exit adapter learns the main stream's next-token

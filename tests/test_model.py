@@ -1,4 +1,4 @@
-"""The decoder matches transformers, and the MSA layers follow DESIGN.md's attention rule."""
+"""The decoder matches transformers, and the MSA layers follow docs/design.md's attention rule."""
 
 import pytest
 import torch
