@@ -4,7 +4,7 @@
     result = engine.generate("Tell me about owls.", max_new_tokens=64)
     for piece in engine.stream([{"role": "user", "content": "Hi!"}]): print(piece, end="")
 
-One step (DESIGN.md): the tree is the correction token plus the `budget` most probable
+One step (docs/design.md): the tree is the correction token plus the `budget` most probable
 draft nodes from the last accepted node's streams (`tree.build_tree`); one forward pass
 verifies it and drafts the next tree; `tree.accept` walks it with the model's own
 choice at each node (argmax, or an exact in-graph sample), so the output is exactly
