@@ -206,25 +206,30 @@ def load_checkpoint(folder: Union[str, Path], base: Union[str, os.PathLike, None
     Refuses, in one sentence, another format version, a base whose fingerprint differs
     and a corrupt or incomplete weights file.
     """
-    from safetensors.torch import load_file
-
     from .loading import load_base_state_dict
 
     info = read_checkpoint_info(folder, base)
+    if not (info.tokenizer_folder / "tokenizer.json").is_file():
+        raise StreamspecError(f"{info.folder} lacks its tokenizer (tokenizer.json).")
+    model = Transformer(info.model, info.streams)
+    load_base_weights(model, load_base_state_dict(info.base_folder))
+    load_trained(model, read_trained(info), str(info.weights_path))
+    model.draft_vocab = load_draft_vocab(info.folder, info.draft_vocab, info.model.vocab_size)
+    return model.to(device).eval(), info
+
+
+def read_trained(info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    """The checkpoint's trained tensors (stream embeddings, adapters), checked against the
+    sha256 that its streamspec.json records."""
+    from safetensors.torch import load_file
+
     weights = info.weights_path
     if not weights.is_file() or _sha256(weights) != info.weights_sha256:
         raise StreamspecError(f"{weights} is missing or corrupt (its sha256 differs from {CONFIG_FILE}).")
-    if not (info.tokenizer_folder / "tokenizer.json").is_file():
-        raise StreamspecError(f"{info.folder} lacks its tokenizer (tokenizer.json).")
     try:
-        trained = load_file(str(weights))
+        return load_file(str(weights))
     except Exception:
         raise StreamspecError(f"{weights} is not a readable safetensors file (corrupt or truncated).") from None
-    model = Transformer(info.model, info.streams)
-    load_base_weights(model, load_base_state_dict(info.base_folder))
-    load_trained(model, trained, str(weights))
-    model.draft_vocab = load_draft_vocab(info.folder, info.draft_vocab, info.model.vocab_size)
-    return model.to(device).eval(), info
 
 
 def load_trained(model: Transformer, trained: dict[str, torch.Tensor], where: str) -> None:

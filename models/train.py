@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from streamspec.runtime.tree import accept, build_tree
 
 from .attention import EagerAttention, MainKVAttention, causal_tree_mask
-from .checkpoint import (CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, load_trained, save_checkpoint,
-                         save_tensors, write_json)
+from .checkpoint import (CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, CheckpointInfo, load_trained,
+                         read_checkpoint_info, read_trained, save_checkpoint, save_tensors, write_json)
 from .config import StreamConfig
 from .data import Record, Window, file_sha256, heldout_by_domain, read_records, split_records, window_stream
 from .errors import StreamspecError
@@ -92,6 +92,7 @@ class TrainConfig:
     threads: Optional[int] = None
     device: str = "auto"
     restart: bool = False
+    init: Optional[str] = None  # warm start: a checkpoint folder whose trained weights a new run starts from
 
     # What a resumed run must share with the run it resumes. `steps` may grow (the
     # learning-rate schedule then stretches from the resumed step on).
@@ -537,6 +538,23 @@ class _Distributed:
             torch.distributed.destroy_process_group()
 
 
+def _init_checkpoint(config: TrainConfig, base_sha: str) -> CheckpointInfo:
+    """The checkpoint a new run starts from (--init): same base model and stream shape;
+    the optimizer, schedule and drafting vocabulary start afresh."""
+    info = read_checkpoint_info(config.init)
+    if info.base_sha256 != base_sha:
+        raise StreamspecError(f"--init {config.init} was trained on another base model than --base.")
+    wanted = config.stream_config()
+    if (info.streams.num_streams, info.streams.num_msa_layers, info.streams.mode, info.streams.lora_rank,
+            info.streams.exit_rank) != (wanted.num_streams, wanted.num_msa_layers, wanted.mode, wanted.lora_rank,
+                                        wanted.exit_rank):
+        raise StreamspecError(
+            f"--init {config.init} has {info.streams.num_streams} streams on {info.streams.num_msa_layers} layers "
+            f"({info.streams.mode}, rank {info.streams.lora_rank}, exit rank {info.streams.exit_rank}); pass the "
+            f"same --streams, --msa-layers, --mode, --lora-rank and --exit-rank.")
+    return info
+
+
 def _device(name: str, dist: _Distributed) -> torch.device:
     if name == "auto":
         return torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -588,8 +606,11 @@ def _train(config: TrainConfig, dist: _Distributed, console, progress: bool) -> 
         vocab_coverage = (train_share, coverage(ids, [r.answer_ids for r in heldout]))
     heldout_groups = heldout_by_domain(heldout, config.eval_records)
     heldout = [r for group in heldout_groups.values() for r in group]
+    init_info = _init_checkpoint(config, base_sha) if config.init else None
     identity = {**{k: getattr(config, k) for k in TrainConfig.IDENTITY},
                 "base_sha256": base_sha, "data_sha256": file_sha256(config.data), "world_size": dist.world}
+    if init_info is not None:  # only when set, so runs saved before --init existed still resume
+        identity["init_sha256"] = init_info.weights_sha256
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise StreamspecError(f"--out {out} is a file, not a folder.")
@@ -600,12 +621,13 @@ def _train(config: TrainConfig, dist: _Distributed, console, progress: bool) -> 
     state = {"step": 0, "history": [], "best": None}
     if last is not None:
         state = json.loads((last / STATE_FILE).read_text(encoding="utf-8"))
-        changed = [k for k, v in identity.items() if state.get("identity", {}).get(k) != v]
+        recorded = state.get("identity", {})
+        changed = [k for k in {**recorded, **identity} if recorded.get(k) != identity.get(k)]
         if changed:
             k = changed[0]
             raise StreamspecError(
-                f"{out} holds a run with other settings ({k} was {state['identity'].get(k)!r}, now "
-                f"{identity[k]!r}); resume it with the same settings or pass --restart."
+                f"{out} holds a run with other settings ({k} was {recorded.get(k)!r}, now "
+                f"{identity.get(k)!r}); resume it with the same settings or pass --restart."
             )
     elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise StreamspecError(f"--out {out} already holds files but no training run; choose another folder or pass --restart.")
@@ -616,6 +638,8 @@ def _train(config: TrainConfig, dist: _Distributed, console, progress: bool) -> 
     if last is not None:
         load_trained(model, load_file(str(last / WEIGHTS_FILE)), str(last / WEIGHTS_FILE))
         load_optimizer(last, optimizer, names)
+    elif init_info is not None:
+        load_trained(model, read_trained(init_info), str(init_info.weights_path))
     start = state["step"]
     cached = config.path == "cached" or (config.path == "auto" and config.mode == "lossless")
     objective: nn.Module = StreamObjective(model, config, cached)

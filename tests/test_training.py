@@ -212,6 +212,26 @@ def test_resume_continues_exactly(tiny_llama_dir, data, tmp_path):
     assert restarted.step == 2
 
 
+def test_init_starts_a_new_run_from_a_checkpoint(tiny_llama_dir, data, tmp_path):
+    first = train(tiny_config(tiny_llama_dir, data, tmp_path / "a", steps=6), progress=False, echo=False)
+    trained = first.model.trainable_parameters()
+    # A step with a vanishing learning rate leaves the warm-started weights where --init put them.
+    warm = train(tiny_config(tiny_llama_dir, data, tmp_path / "b", steps=1, lr=1e-12, init=str(tmp_path / "a" / "last")),
+                 progress=False, echo=False)
+    cold = train(tiny_config(tiny_llama_dir, data, tmp_path / "c", steps=1, lr=1e-12), progress=False, echo=False)
+    warm_params, cold_params = warm.model.trainable_parameters(), cold.model.trainable_parameters()
+    assert all(torch.allclose(warm_params[n], trained[n], atol=1e-6) for n in trained)
+    assert not all(torch.allclose(cold_params[n], trained[n], atol=1e-6) for n in trained)
+    # Resuming b with another starting point (or none) is another run.
+    with pytest.raises(StreamspecError, match="other settings"):
+        train(tiny_config(tiny_llama_dir, data, tmp_path / "b", steps=2, lr=1e-12), progress=False, echo=False)
+    with pytest.raises(StreamspecError, match="same --streams"):
+        train(tiny_config(tiny_llama_dir, data, tmp_path / "d", streams=3, init=str(tmp_path / "a" / "last")),
+              progress=False, echo=False)
+    with pytest.raises(StreamspecError, match="does not exist"):
+        train(tiny_config(tiny_llama_dir, data, tmp_path / "e", init=str(tmp_path / "missing")), progress=False, echo=False)
+
+
 def test_shared_mode_adapts_the_main_stream(tiny_llama_dir, data, tmp_path):
     with pytest.raises(StreamspecError, match="lossless"):
         train(tiny_config(tiny_llama_dir, data, tmp_path / "x", mode="shared", path="cached"), progress=False, echo=False)

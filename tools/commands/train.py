@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--out", required=True,
                     help="run folder: the best checkpoint at its top, the latest (resumable) in last/; "
                          "an unfinished run there resumes automatically")
+    io.add_argument("--init", default=None, metavar="CHECKPOINT",
+                    help="start a new run from this checkpoint's trained weights (e.g. models/default, to "
+                         "adapt the shipped streams to your data); same base and stream shape, fresh "
+                         "optimizer and schedule")
     io.add_argument("--restart", action="store_true",
                     help="discard the run in --out and start over")
 
@@ -90,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         stream_weight=args.stream_weight, exit_weight=args.exit_weight, max_length=args.max_length,
         seed=args.seed, eval_every=args.eval_every, eval_records=args.eval_records,
         save_every=args.save_every, budgets=args.budgets, stop_at=args.stop_at, path=args.path,
-        threads=args.threads, device=args.device, restart=args.restart,
+        threads=args.threads, device=args.device, restart=args.restart, init=args.init,
     )
     result = train(config, progress=not args.no_progress)
     if result.history:
