@@ -291,12 +291,20 @@ class TransformersAdapter(Adapter):
         self.passes[0] = 0
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # use_model_defaults=False: nothing from the folder's generation_config.json
-            # (a repetition penalty, say) changes the greedy rule.
+            # use_model_defaults=False (transformers 4.5x): nothing from the folder's
+            # generation_config.json (a repetition penalty, say) changes the greedy rule;
+            # transformers 5 refuses the option (the rows' outputs are checked against
+            # autoregressive either way).
             out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
-                                      use_model_defaults=False)
+                                      **_no_model_defaults())
         # Assisted decoding can overshoot max_new_tokens by its last accepted run.
         return cut(out[0, len(prompt_ids):].tolist(), max_new_tokens, eos), self.passes[0]
+
+
+def _no_model_defaults() -> dict:
+    import transformers
+
+    return {"use_model_defaults": False} if int(transformers.__version__.split(".")[0]) < 5 else {}
 
 
 class PromptLookupAdapter(TransformersAdapter):
