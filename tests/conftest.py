@@ -1,86 +1,43 @@
 """Shared fixtures: tiny random models saved as Hugging Face folders, a tiny tokenizer,
-and the embedded SmolLM2 converted once. Nothing is downloaded."""
+exports of tiny MSA models shared by the whole session, and the embedded SmolLM2
+converted once. Nothing is downloaded. The builders behind them are in builders.py
+(imported lazily here: collecting the tests needs no torch)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import inspect
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 
-TINY_VOCAB = 128  # model vocabulary; the tiny tokenizer uses the first ~100 ids
-SPECIAL_TOKENS = ["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]  # ids 0..3
-BOS_ID, EOS_ID = 1, 2
-# The SmolLM2 / ChatML turn format, without a default system prompt.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def build_tiny_tokenizer():
-    """A character-level tokenizer over printable ASCII with ChatML special tokens.
-
-    One token per character round-trips any ASCII text exactly, which is all the tests
-    need, and keeps the vocabulary inside a tiny model's 128 rows.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    chars = ["\n", "\t"] + [chr(c) for c in range(32, 127)]
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + chars)}
-    tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()  # join characters back without spaces
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="<unk>",
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        chat_template=TINY_CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-    )
-
-
-def save_tiny_model(family: str, folder: Path, seed: int = 0, sharpen: float = 1.0) -> Path:
-    """Save a tiny random `family` model with the tiny tokenizer as an HF folder
-    (`sharpen` > 1: peakier distributions, so greedy text varies instead of repeating)."""
-    from tiny_models import tiny_hf_model
-
-    model = tiny_hf_model(family, seed=seed, vocab=TINY_VOCAB, sharpen=sharpen)
-    for config in (model.config, model.generation_config):
-        config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, EOS_ID
-    model.save_pretrained(folder, safe_serialization=True)
-    # Chat template inside tokenizer_config.json, as streamspec's runtime reads it.
-    build_tiny_tokenizer().save_pretrained(folder, save_jinja_files=False)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
+    from builders import build_tiny_tokenizer
+
     return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Callable[..., Path]:
-    """`tiny_model_dir(family, seed=0)`: a saved tiny model folder, built once per session.
+    """`tiny_model_dir(family, seed=0, sharpen=1.0)`: a saved tiny model folder, built
+    once per session (`builders.save_tiny_model`; sharpen > 1: peakier distributions).
 
     Families: llama, mistral, qwen2, opt (see tests/tiny_models.py). The folder is shared
     within the session: copy it before changing files in it.
     """
-    built: dict[tuple[str, int], Path] = {}
+    from builders import save_tiny_model
 
-    def make(family: str, seed: int = 0) -> Path:
-        if (family, seed) not in built:
-            folder = tmp_path_factory.mktemp(f"tiny-{family}-{seed}")
-            built[(family, seed)] = save_tiny_model(family, folder, seed)
-        return built[(family, seed)]
+    built: dict[tuple[str, int, float], Path] = {}
+
+    def make(family: str, seed: int = 0, sharpen: float = 1.0) -> Path:
+        key = (family, seed, float(sharpen))
+        if key not in built:
+            name = f"tiny-{family}-{seed}" + ("" if sharpen == 1 else f"-sharpened{sharpen:g}")
+            built[key] = save_tiny_model(family, tmp_path_factory.mktemp(name), seed, sharpen)
+        return built[key]
 
     return make
 
@@ -103,6 +60,70 @@ def tiny_qwen2_dir(tiny_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_opt_dir(tiny_model_dir) -> Path:
     return tiny_model_dir("opt")
+
+
+# Export options that the cache sets itself, or that do not change the folder.
+_NOT_OPTIONS = ("progress", "force", "source", "base_dir")
+
+
+def _export_key(options: dict) -> tuple:
+    """Every export option, `options` over export_tiny's and export_model's defaults, so
+    that spelling out a default (backend="portable") finds the same folder."""
+    from builders import CANDIDATES, MAX_LENGTH
+    from streamspec.exporter import export_model
+
+    defaults = {name: parameter.default for name, parameter in inspect.signature(export_model).parameters.items()
+                if parameter.kind is parameter.KEYWORD_ONLY and name not in _NOT_OPTIONS}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"shared_export: {', '.join(unknown)} is not an export option the cache can share")
+    return tuple(sorted({**defaults, "max_length": MAX_LENGTH, "candidates": CANDIDATES, **options}.items()))
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="session")
+def shared_export(tiny_model_dir, tmp_path_factory) -> Callable[..., Path]:
+    """`shared_export(family="llama", seed=0, sharpen=1.0, streams=3, msa_layers=2,
+    mode="lossless", **export_options) -> Path`: the deployable folder of a tiny model,
+    exported once per session for each distinct model and options, shared by every test
+    file that asks for the same (exports are the slow part of the suite).
+
+    The model: `tiny_model_dir(family, seed, sharpen)` (its HF folder, also the
+    tokenizer), with `streams` speculative streams (`builders.msa_model`), or the plain
+    base model when `streams` is 0. Options: `builders.export_tiny`'s (max_length
+    MAX_LENGTH, candidates CANDIDATES unless given) and export_model's.
+    `shared_export(seed=1, sharpen=SHARPEN)` is `builders.sharpened_msa(root, seed=1)`.
+
+    The folder is READ-ONLY: a test that writes, edits or deletes anything in it must
+    work on a copy (`shutil.copytree(folder, tmp_path / ...)`). The session's end checks
+    that every shared folder still holds exactly the files it was exported with.
+    """
+    from builders import export_tiny, msa_model
+    from streamspec.models.model import build_model
+
+    folders: dict[tuple, tuple[Path, dict[str, str]]] = {}
+
+    def export(family: str = "llama", seed: int = 0, sharpen: float = 1.0, streams: Optional[int] = 3,
+               msa_layers: int = 2, mode: str = "lossless", **options) -> Path:
+        model_key = (family, seed, float(sharpen), streams or 0) + ((msa_layers, mode) if streams else ())
+        key = (model_key, _export_key(options))
+        if key not in folders:
+            hf = tiny_model_dir(family, seed, sharpen)
+            model = msa_model(hf, num_streams=streams, msa_layers=msa_layers, mode=mode) if streams else build_model(hf)
+            root = tmp_path_factory.mktemp(f"shared-{family}-{seed}-{len(folders)}")
+            folder = export_tiny(model, hf, root / "onnx", **options)
+            folders[key] = folder, _digests(folder)
+        return folders[key][0]
+
+    yield export
+    changed = [str(folder) for folder, digests in folders.values() if _digests(folder) != digests]
+    assert not changed, (f"A test changed the shared exported folder(s) {', '.join(changed)}: "
+                         "tests that write into a folder must copy it first (see shared_export).")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Shared test checks.
+"""Shared test checks (and `announce_body`, a raw HTTP request for the server tests).
 
 Exactness: greedy speculative decoding must reproduce greedy autoregressive decoding
 token for token. A tree step and a one-token step add the same numbers in a different
@@ -99,3 +99,41 @@ def generate_with_oracle_trees(engine, prompt_ids: list[int], reference: Sequenc
     monkeypatch.setattr(engine, "fallback", None)  # every step speculates: the trees are the point
     result = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, ignore_eos=True)
     return result.token_ids, result.stats
+
+
+def assert_top_matches(ids: np.ndarray, probs: np.ndarray, logits: np.ndarray, atol: float = 2e-5) -> None:
+    """ids, probs [..., K] from the graph against reference logits [..., V]: equal ids
+    (except where the reference's own logits are a near-tie), probabilities within atol."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    ids, probs = ids.reshape(len(logits), -1), probs.reshape(len(logits), -1)
+    k = ids.shape[-1]
+    for row, (row_ids, row_probs) in enumerate(zip(ids, probs)):
+        ref = logits[row]
+        order = np.argsort(-ref, kind="stable")
+        ref_probs = np.exp(ref - ref.max()) / np.exp(ref - ref.max()).sum()
+        for i in np.flatnonzero(row_ids != order[:k]):
+            # Equal ids, except where the reference itself cannot tell the two apart.
+            a, b = ref[row_ids[i]], ref[order[i]]
+            assert abs(a - b) <= NEAR_TIE * max(abs(b), 1e-6), (
+                f"row {row}, candidate {i}: graph id {row_ids[i]}, reference id {order[i]} (logits {a} vs {b})")
+        np.testing.assert_allclose(row_probs, ref_probs[row_ids], atol=atol, rtol=1e-4)
+
+
+def announce_body(base_url: str, path: str, size: int) -> tuple[int, dict]:
+    """Send only the headers of a `size`-byte POST: the server must refuse on the
+    Content-Length alone (sending the body too races with the server closing early)."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    where = urlsplit(base_url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    try:
+        connection.putrequest("POST", path)
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(size))
+        connection.endheaders()
+        answer = connection.getresponse()
+        return answer.status, json.load(answer)
+    finally:
+        connection.close()

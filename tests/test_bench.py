@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import save_tiny_model
+from builders import export_tiny, msa_model, save_tiny_model
 from streamspec.tools import bench
 from streamspec.tools.cli import main
-from test_export import export_tiny, msa_model
 
 PROMPTS = ['{"prompt": "Hi there"}', '{"messages": [{"role": "user", "content": "abc abc abc"}]}',
            '{"id": "third", "prompt": "Why?"}']

@@ -20,24 +20,23 @@ import shutil
 import numpy as np
 import pytest
 
+from builders import SHARPEN
 from helpers import oracle_tree
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
 from streamspec.runtime.conversation import Conversation
 from streamspec.runtime.fallback import AUTOREGRESSIVE, SPECULATIVE, Fallback
 from streamspec.runtime.session import CacheContents, common_prefix
-from test_export import export_tiny, sharpened_msa
 
 TURNS = ("Hi! Who are you?", "Tell me more.", "And then?")
 NEW = dict(max_new_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A tiny llama with 3 streams whose greedy text varies (sharpened weights)."""
-    root = tmp_path_factory.mktemp("conversation")
-    hf, model = sharpened_msa(root)
-    return export_tiny(model, hf, root / "onnx", max_length=256)
+def folder(shared_export):
+    """A tiny llama with 3 streams whose greedy text varies (sharpened weights); shared
+    with other test files: read only."""
+    return shared_export(sharpen=SHARPEN, max_length=256)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from builders import PROMPTS, SHARPEN, hf_greedy
 from helpers import assert_tokens_match, generate_with_oracle_trees
 from streamspec import custom_ops
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
-from test_engine import PROMPTS, hf_greedy
-from test_export import export_tiny, sharpened_msa
 
 
 @pytest.fixture(scope="session")
@@ -32,15 +31,14 @@ def custom_library() -> Path:
 
 
 @pytest.fixture(scope="module")
-def backends(custom_library, tmp_path_factory) -> dict[str, Path]:
-    """HF folder and the same MSA model exported with each backend."""
-    root = tmp_path_factory.mktemp("backends")
+def backends(custom_library, tiny_model_dir, shared_export) -> dict[str, Path]:
+    """HF folder and the same MSA model exported with each backend (shared with other
+    test files: read only)."""
     # Sharpened weights: greedy text varies instead of repeating one token, so that
     # drafts, acceptance and compaction see different trees at every step.
-    hf, model = sharpened_msa(root, seed=1)
-    folders = {"hf": hf}
+    folders = {"hf": tiny_model_dir("llama", seed=1, sharpen=SHARPEN)}
     for backend in ("portable", "custom"):
-        folders[backend] = export_tiny(model, hf, root / backend, backend=backend)
+        folders[backend] = shared_export(seed=1, sharpen=SHARPEN, backend=backend)
     return folders
 
 

@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_tokens_match
+from builders import PROMPTS, Reference, export_tiny, hf_greedy, msa_model, run_step, sharpened_msa
+from helpers import assert_tokens_match, assert_top_matches
 from streamspec.models.errors import StreamspecError as ModelError
 from streamspec.models.vocab import choose_draft_vocab, save_draft_vocab
 from streamspec.runtime import Engine
 from streamspec.runtime.folder import read_folder
 from streamspec.runtime.session import StepSession
 from streamspec.runtime.tree import chain_tree
-from test_engine import PROMPTS, hf_greedy
-from test_export import assert_top_matches, export_tiny, msa_model, Reference, run_step, sharpened_msa
 
 VOCAB = torch.arange(0, 128, 3)  # 43 of the 128 tokens
 

@@ -7,7 +7,6 @@ diverges the divergence must be a near-tie of the reference (tests/helpers.py).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
@@ -18,45 +17,19 @@ import numpy as np
 import pytest
 import torch
 
+from builders import PROMPTS, export_tiny, hf_greedy
 from helpers import assert_runs_without_heavy_imports, assert_tokens_match, generate_with_oracle_trees
 from streamspec.errors import StreamspecError
 from streamspec.models.config import ModelConfig, StreamConfig
-from streamspec.models.model import Transformer, build_model
+from streamspec.models.model import Transformer
 from streamspec.runtime import Engine
-from test_export import export_tiny, msa_model
-
-PROMPTS = ([5, 40, 41, 42, 9, 77], [10, 11], [100, 3, 66, 67, 68, 69, 70, 71, 33])
-
-
-@functools.lru_cache(maxsize=4)
-def hf_model(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-
-
-def hf_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> tuple[list[int], callable]:
-    """transformers' greedy tokens (EOS ignored), and its next-token logits function."""
-    model = hf_model(folder)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=0)
-
-    @torch.no_grad()
-    def logits(prefix: list[int]) -> np.ndarray:
-        return model(torch.tensor([prompt + prefix])).logits[0, -1].double().numpy()
-
-    return out[0, len(prompt):].tolist(), logits
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model_dir, tmp_path_factory):
-    """family -> (HF folder, exported MSA folder) for the tiny families."""
-    root = tmp_path_factory.mktemp("engines")
-    return {family: (tiny_model_dir(family),
-                     export_tiny(msa_model(tiny_model_dir(family), num_streams=3), tiny_model_dir(family),
-                                 root / family))
-            for family in ("llama", "opt")}
+def engines(tiny_model_dir, shared_export):
+    """family -> (HF folder, exported MSA folder with 3 streams) for the tiny families
+    (shared: read only)."""
+    return {family: (tiny_model_dir(family), shared_export(family, streams=3)) for family in ("llama", "opt")}
 
 
 # ------------------------------------------------------------------------------ greedy exactness
@@ -117,9 +90,9 @@ def test_memory_budget_sizes_the_cache_or_refuses(engines):
     assert parse_size("1.5G") == 3 << 29 and parse_size("800M") == 800 << 20
 
 
-def test_plain_base_model_generates_like_transformers(tiny_model_dir, tmp_path):
+def test_plain_base_model_generates_like_transformers(tiny_model_dir, shared_export):
     folder = tiny_model_dir("qwen2")
-    exported = export_tiny(build_model(folder), folder, tmp_path / "qwen2")
+    exported = shared_export("qwen2", streams=0)  # the plain base model (shared: read only)
     engine = Engine(exported, provider="cpu")
     assert not engine.can_speculate
     graph = engine.config.graph  # a base model's graph has no stream inputs or outputs

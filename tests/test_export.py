@@ -17,107 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from builders import CANDIDATES, MAX_LENGTH, Reference, export_tiny, msa_model, random_tree, run_step
+from helpers import assert_top_matches
 from streamspec.errors import StreamspecError
-from streamspec.models.attention import EagerAttention, KVCache
-from streamspec.models.config import StreamConfig
-from streamspec.models.model import Transformer, build_model
 from streamspec.runtime.folder import read_folder
 from streamspec.runtime.session import StepSession
-from streamspec.runtime.tree import Tree, accept, chain_tree
-
-NEAR_TIE = 1e-4
-MAX_LENGTH = 96
-CANDIDATES = 6
-
-
-def msa_model(folder: Path, num_streams: int = 2, msa_layers: int = 2, mode: str = "lossless",
-              seed: int = 0) -> Transformer:
-    """A tiny base model with speculative streams whose adapters are not zero (so that
-    stream rows, LoRA on them and the exit adapter all show up in the outputs)."""
-    model = build_model(folder, StreamConfig(num_streams=num_streams, num_msa_layers=msa_layers, mode=mode,
-                                             lora_rank=4, exit_rank=4))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.trainable_parameters().items():
-            param.copy_(torch.randn(param.shape, generator=generator) * (0.3 if "lora_B" in name else 0.5))
-    return model.eval()
-
-
-def sharpened_msa(root: Path, seed: int = 0) -> tuple[Path, Transformer]:
-    """A tiny llama with sharpened weights (greedy text varies instead of repeating one
-    token, so drafts, acceptance and compaction see different trees at every step), saved
-    as a Hugging Face folder under `root`, and its MSA model with 3 streams."""
-    from conftest import save_tiny_model
-
-    hf = save_tiny_model("llama", root / "hf", seed=seed, sharpen=3.0)
-    return hf, msa_model(hf, num_streams=3)
-
-
-def export_tiny(model: Transformer, tokenizer_dir: Path, out: Path, **options) -> Path:
-    from streamspec.exporter import export_model
-
-    options.setdefault("max_length", MAX_LENGTH)
-    options.setdefault("candidates", CANDIDATES)
-    return export_model(model, tokenizer_dir, out, progress=False, **options)
-
-
-def random_tree(rng: np.random.Generator, nodes: int, vocab: int):
-    """Random parents (each before its children), tokens and depths."""
-    parents = np.array([-1] + [int(rng.integers(0, i)) for i in range(1, nodes)], dtype=np.int32)
-    depths = np.zeros(nodes, dtype=np.int32)
-    for i in range(1, nodes):
-        depths[i] = depths[parents[i]] + 1
-    return Tree(rng.integers(0, vocab, nodes).astype(np.int64), parents, depths, np.ones(nodes, np.float32))
-
-
-class Reference:
-    """The PyTorch model stepping a KV cache exactly as the engine does."""
-
-    def __init__(self, model: Transformer):
-        cfg = model.config
-        self.model = model
-        self.cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, MAX_LENGTH, cfg.head_dim)
-
-    @torch.no_grad()
-    def step(self, tree, past: int):
-        mask = torch.from_numpy(tree.ancestor_mask())[None]
-        attention = EagerAttention(mask, self.model.num_streams, self.cache, past)
-        out = self.model(torch.from_numpy(tree.tokens)[None], torch.from_numpy(tree.positions(past))[None], attention)
-        streams = None if out.stream_logits is None else out.stream_logits[0].double().numpy()
-        exits = None if out.exit_logits is None else out.exit_logits[0].double().numpy()
-        return out.main_logits[0].double().numpy(), streams, exits
-
-
-def run_step(session: StepSession, tree, past: int, compact_src=(), stream_nodes=None, output_nodes=None):
-    n = tree.size
-    every = np.arange(n, dtype=np.int64)
-    feeds = dict(input_ids=tree.tokens, positions=tree.positions(past), tree_mask=tree.ancestor_mask(),
-                 tree_parent=tree.parents.astype(np.int32), past_length=np.array([past], dtype=np.int64),
-                 compact_src=np.asarray(compact_src, dtype=np.int64),
-                 stream_nodes=every if stream_nodes is None else np.asarray(stream_nodes, dtype=np.int64),
-                 output_nodes=every if output_nodes is None else np.asarray(output_nodes, dtype=np.int64),
-                 temperature=np.array([1.0], np.float32), top_k=np.array([0]), top_p=np.array([1.0], np.float32))
-    feeds["sample_rows"] = np.zeros(0, np.int64)
-    feeds["exit_nodes"] = feeds["output_nodes"]
-    feeds["uniform"] = np.zeros(0, np.float32)
-    return session.run(feeds)
-
-
-def assert_top_matches(ids: np.ndarray, probs: np.ndarray, logits: np.ndarray, atol: float = 2e-5) -> None:
-    """ids, probs [..., K] from the graph against reference logits [..., V]."""
-    logits = logits.reshape(-1, logits.shape[-1])
-    ids, probs = ids.reshape(len(logits), -1), probs.reshape(len(logits), -1)
-    k = ids.shape[-1]
-    for row, (row_ids, row_probs) in enumerate(zip(ids, probs)):
-        ref = logits[row]
-        order = np.argsort(-ref, kind="stable")
-        ref_probs = np.exp(ref - ref.max()) / np.exp(ref - ref.max()).sum()
-        for i in np.flatnonzero(row_ids != order[:k]):
-            # Equal ids, except where the reference itself cannot tell the two apart.
-            a, b = ref[row_ids[i]], ref[order[i]]
-            assert abs(a - b) <= NEAR_TIE * max(abs(b), 1e-6), (
-                f"row {row}, candidate {i}: graph id {row_ids[i]}, reference id {order[i]} (logits {a} vs {b})")
-        np.testing.assert_allclose(row_probs, ref_probs[row_ids], atol=atol, rtol=1e-4)
+from streamspec.runtime.tree import accept, chain_tree
 
 
 # ------------------------------------------------------------------------------ fixtures

@@ -104,7 +104,7 @@ def test_quantize_weights_carries_matching_weights():
 
     from streamspec.exporter.gguf_blocks import carried_weights
     from streamspec.exporter.quantize import quantize_weights
-    from test_quantize import tied_graph
+    from builders import tied_graph
 
     vocab, hidden = 96, 256
     tensors = [("token_embd.weight", "Q8_0", random_tensor("Q8_0", vocab, hidden, 3), vocab, hidden),

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from builders import SHARPEN, export_tiny, msa_model, sharpened_msa
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
 from streamspec.runtime.conversation import Conversation
 from streamspec.runtime.folder import read_folder
-from test_export import export_tiny, msa_model, sharpened_msa
 
 
 def run_python(code: str, *args, **kwargs) -> subprocess.Popen:
@@ -55,7 +55,8 @@ def hold_work_folder(out: Path) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny model with 3 streams, exported after a killed export to the same folder
-    left its temporary folder behind: (folder, that leftover)."""
+    left its temporary folder behind: (folder, that leftover). Its own export (the
+    other tests share `folder`)."""
     root = tmp_path_factory.mktemp("hardening")
     hf, model = sharpened_msa(root)
     child = hold_work_folder(root / "onnx")
@@ -69,8 +70,10 @@ def exported(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def folder(exported):
-    return exported[0]
+def folder(shared_export):
+    """The same tiny model with 3 streams (sharpened weights), shared with other test
+    files: read only (the tests below edit copies)."""
+    return shared_export(sharpen=SHARPEN, max_length=128)
 
 
 @pytest.fixture(scope="module")
@@ -489,6 +492,8 @@ def test_the_next_export_removed_a_killed_exports_folder(exported):
     folder, leftover = exported
     assert not leftover.exists() and not leftover.with_name(leftover.name + ".lock").exists()
     assert not [p.name for p in folder.parent.iterdir() if p.name.startswith(".onnx.tmp-")]
+    config = read_folder(folder)  # and the export itself is whole
+    assert config.num_streams == 3 and config.max_length == 128 and (folder / "model.onnx").is_file()
 
 
 def test_stale_export_folders_running_and_unknown_ones(tmp_path):

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from streamspec.models.model import build_model
 from streamspec.runtime import Engine
 from streamspec.runtime.engine import StepRecord
 from streamspec.runtime.tree import Tree
@@ -30,7 +29,6 @@ from streamspec.tools.profiler.live import LiveView
 from streamspec.tools.profiler.measure import CURVE_NODES
 from streamspec.tools.profiler.trace import operator_table
 from helpers import assert_runs_without_heavy_imports
-from test_export import export_tiny, msa_model
 
 PROMPTS = ([5, 40, 41, 42, 9, 77], [10, 11, 12])
 NEW_TOKENS = 24
@@ -38,12 +36,10 @@ SMALL_COPY = 8 * 2 ** 20  # the bandwidth figure is not under test; keep memory 
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_model_dir, tmp_path_factory):
-    """A tiny llama with 3 streams, and a plain qwen2 base model (no streams)."""
-    root = tmp_path_factory.mktemp("profile")
-    llama, qwen2 = tiny_model_dir("llama"), tiny_model_dir("qwen2")
-    return dict(streams=export_tiny(msa_model(llama, num_streams=3), llama, root / "llama"),
-                base=export_tiny(build_model(qwen2), qwen2, root / "qwen2"))
+def folders(shared_export):
+    """A tiny llama with 3 streams, and a plain qwen2 base model (no streams); shared
+    with other test files: read only."""
+    return dict(streams=shared_export("llama", streams=3), base=shared_export("qwen2", streams=0))
 
 
 @pytest.fixture

@@ -13,25 +13,24 @@ import json
 import numpy as np
 import pytest
 
+from builders import PROMPTS, SHARPEN, export_tiny, hf_greedy, msa_model, random_tree, run_step
 from helpers import assert_runs_without_heavy_imports, assert_tokens_match, count_generated
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
 from streamspec.runtime.folder import read_folder
 from streamspec.runtime.session import StepSession
 from streamspec.runtime.tree import Tree, chain_tree, prune
-from test_engine import PROMPTS, hf_greedy
-from test_export import export_tiny, msa_model, random_tree, run_step, sharpened_msa
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """HF folder, and its MSA model exported with and without the split graphs."""
-    root = tmp_path_factory.mktemp("pruning")
+def folders(tiny_model_dir, shared_export):
+    """HF folder, and its MSA model exported with and without the split graphs (shared
+    with other test files: read only)."""
     # Sharpened weights: greedy text varies instead of repeating one token, so a cache
     # row in the wrong place changes the output.
-    hf, model = sharpened_msa(root, seed=1)
-    return {"hf": hf, "split": export_tiny(model, hf, root / "split", pruning=True),
-            "plain": export_tiny(model, hf, root / "plain")}
+    return {"hf": tiny_model_dir("llama", seed=1, sharpen=SHARPEN),
+            "split": shared_export(seed=1, sharpen=SHARPEN, pruning=True),
+            "plain": shared_export(seed=1, sharpen=SHARPEN)}
 
 
 # ------------------------------------------------------------------------------ the rule

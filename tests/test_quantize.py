@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import save_tiny_model
+from builders import (MAX_LENGTH, export_tiny, msa_model, random_tree, run_step, save_tiny_model, sharpened_msa,
+                      tied_graph)
 from helpers import assert_runs_without_heavy_imports, assert_tokens_match, generate_with_oracle_trees
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
@@ -25,7 +26,6 @@ from streamspec.runtime.folder import read_folder
 from streamspec.runtime.memory import estimate_memory, kv_cache_bytes
 from streamspec.runtime.session import StepSession
 from streamspec.runtime.tree import Tree, chain_tree
-from test_export import export_tiny, MAX_LENGTH, random_tree, run_step, sharpened_msa
 
 PROMPTS = ([5, 40, 41, 42, 9, 77], [10, 11, 12], [100, 3, 66, 67, 68, 69, 70, 71, 33])
 MAX_NEW = 24
@@ -156,33 +156,6 @@ def test_quantized_logits_stay_near_fp32(folders):
     assert error["fp32+kv8"] < 0.5 * spread and error["int4+kv4"] < 2 * spread
 
 
-def tied_graph(vocab: int = 96, hidden: int = 64):
-    """embedding Gather + a tied head traced as MatMul(x, Transpose(table)) twice (as
-    SmolLM2's graph holds it) + an MLP as wide as the vocabulary (up, then down)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    table = rng.normal(0, 0.05, (vocab, hidden)).astype(np.float32)
-    mlp = rng.normal(0, 0.05, (hidden, vocab)).astype(np.float32)
-    down = rng.normal(0, 0.05, (vocab, hidden)).astype(np.float32)
-    nodes = [helper.make_node("Gather", ["table", "ids"], ["x"], name="embed"),
-             helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="t"),
-             helper.make_node("MatMul", ["x", "table_t"], ["logits"], name="head"),
-             helper.make_node("MatMul", ["x", "table_t"], ["logits2"], name="head2"),
-             helper.make_node("TopK", ["logits2", "k"], ["top", "top_ids"], name="topk"),
-             helper.make_node("MatMul", ["x", "mlp"], ["wide"], name="up"),
-             helper.make_node("MatMul", ["wide", "down"], ["narrow"], name="down")]
-    graph = helper.make_graph(
-        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("logits", "top", "narrow")],
-        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(mlp, "mlp"),
-         numpy_helper.from_array(down, "down"),
-         numpy_helper.from_array(np.array([3], np.int64), "k")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 10
-    return model, table, mlp @ down
-
-
 @pytest.mark.parametrize("quantize, bound", [("int8", 0.01), ("int4", 0.15)])
 def test_quantizer_on_a_tied_head(quantize, bound):  # bound: relative error of one MatMul
     """Graph surgery of exporter/quantize.py on a small graph: the transposed table is
@@ -247,10 +220,8 @@ def test_kv_scales_from_calibration():
 
 # ------------------------------------------------------------------------------ options
 def test_bad_quantization_options_give_one_sentence(folders, tmp_path):
-    from test_export import msa_model as make
-
     hf = folders["fp32"].parent / "hf"
-    model = make(hf, num_streams=1, msa_layers=1)
+    model = msa_model(hf, num_streams=1, msa_layers=1)
     cases = [(dict(quantize="int3"), "--quantize must be none, int8 or int4"),
              (dict(quantize="int8", block_size=24), "power of two"),
              (dict(quantize="int4", quant_activations="fp16"), "--quant-activations"),

@@ -20,19 +20,19 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
+from builders import SHARPEN  # noqa: E402
+from helpers import announce_body  # noqa: E402
 from streamspec.runtime import Engine  # noqa: E402
 from streamspec.runtime.server import Job, ServerSettings, ServerThread, create_app  # noqa: E402
-from test_export import export_tiny, sharpened_msa  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! Who are you?"}]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A tiny llama with 3 streams whose greedy text varies (sharpened weights)."""
-    root = tmp_path_factory.mktemp("server")
-    hf, model = sharpened_msa(root)
-    return export_tiny(model, hf, root / "onnx", max_length=128)
+def folder(shared_export):
+    """A tiny llama with 3 streams whose greedy text varies (sharpened weights); shared
+    with other test files: read only."""
+    return shared_export(sharpen=SHARPEN, max_length=128)
 
 
 @pytest.fixture(scope="module")
@@ -64,25 +64,6 @@ def post_raw(url: str, body: bytes) -> tuple[int, dict]:
             return answer.status, json.load(answer)
     except urllib.error.HTTPError as error:
         return error.code, json.load(error)
-
-
-def announce_body(base_url: str, path: str, size: int) -> tuple[int, dict]:
-    """Send only the headers of a `size`-byte POST: the server must refuse on the
-    Content-Length alone (sending the body too races with the server closing early)."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    where = urlsplit(base_url)
-    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
-    try:
-        connection.putrequest("POST", path)
-        connection.putheader("Content-Type", "application/json")
-        connection.putheader("Content-Length", str(size))
-        connection.endheaders()
-        answer = connection.getresponse()
-        return answer.status, json.load(answer)
-    finally:
-        connection.close()
 
 
 # ------------------------------------------------------------------------------ answers

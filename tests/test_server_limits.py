@@ -29,12 +29,12 @@ pytest.importorskip("fastapi")
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
+from builders import SHARPEN  # noqa: E402
+from helpers import announce_body  # noqa: E402
 from streamspec.errors import StreamspecError  # noqa: E402
 from streamspec.runtime import Engine  # noqa: E402
 from streamspec.runtime import server as server_module  # noqa: E402
 from streamspec.runtime.server import ServerSettings, ServerThread, create_app  # noqa: E402
-from test_export import export_tiny, sharpened_msa  # noqa: E402
-from test_server import announce_body  # noqa: E402
 
 LIMIT = 1 << 20  # the default body limit
 PROMPT_LIMIT = 100
@@ -42,10 +42,10 @@ CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server-limits")
-    hf, model = sharpened_msa(root)
-    return export_tiny(model, hf, root / "onnx", max_length=128)
+def folder(shared_export):
+    """A tiny llama with 3 streams (sharpened weights), shared with other test files:
+    read only."""
+    return shared_export(sharpen=SHARPEN, max_length=128)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,12 @@ import shutil
 import numpy as np
 import pytest
 
+from builders import PROMPTS
 from helpers import count_generated, oracle_tree
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
 from streamspec.runtime.folder import read_folder
 from streamspec.runtime.tree_settings import MAX_NODES, TreeSettings
-from test_engine import PROMPTS
-from test_export import export_tiny, msa_model
 
 BAD_VALUES = [
     ("budget", -1, "tree budget"), ("budget", MAX_NODES + 1, "tree budget"), ("budget", 2.0, "tree budget"),
@@ -97,9 +96,9 @@ def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ a folder and an engine
 @pytest.fixture(scope="module")
-def folder(tiny_model_dir, tmp_path_factory):
-    hf = tiny_model_dir("llama")
-    return export_tiny(msa_model(hf, num_streams=3), hf, tmp_path_factory.mktemp("tree-settings") / "llama")
+def folder(shared_export):
+    """A tiny llama with 3 streams, shared with other test files: read only."""
+    return shared_export("llama", streams=3)
 
 
 def test_export_writes_every_setting_and_tune_rewrites_them(folder, tmp_path):
