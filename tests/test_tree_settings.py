@@ -1,8 +1,8 @@
-"""Tree settings (runtime/tree_settings.py) and the engine's step (`Engine._step`).
+"""Tree settings (runtime/tree_settings.py) and the engine's step.
 
 TreeSettings: the defaults, the one-sentence refusals, the `tree` entry read and written
 atomically, and `streamspec tune`'s choice going through it. Engine: `configure` (and the
-checked property setters) refuse bad values and change nothing then; `_step` accepts
+checked property setters) refuse bad values and change nothing then; a step accepts
 exactly the path that the model's own choices follow through a planted tree.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from builders import PROMPTS
-from helpers import count_generated, oracle_tree
+from helpers import oracle_tree
 from streamspec.errors import StreamspecError
 from streamspec.runtime import Engine
 from streamspec.runtime.folder import read_folder
@@ -154,32 +154,48 @@ def test_step_accepts_the_path_of_the_models_own_choices(folder, monkeypatch):
     """Planted trees: root -> a wrong child (node 1), and the next 3 tokens of the
     autoregressive output as a chain at nodes 2, 3, 4. Every step must accept exactly
     [0, 2, 3, 4] (where the output has that many tokens left), correct with the token
-    after them, and draft the next tree from node 4's streams."""
+    after them, and draft the next tree from node 4's streams.
+
+    Seen through the public seams only: `Engine.on_step` (each step's record), the
+    session's `run` (each forward pass: the verified tree in, the graph's outputs out)
+    and `build_tree` (the draft each next tree is built from)."""
     from streamspec.runtime import engine as engine_module
 
     engine = Engine(folder, provider="cpu", fallback=False)
     new = 24
     reference = engine.generate(PROMPTS[0], max_new_tokens=new, speculative=False, ignore_eos=True).token_ids
-    generated = count_generated(engine, monkeypatch)
-    steps = []  # (tokens generated before the step, what `_step` returned)
-    real_step = Engine._step
+    runs = []  # every forward pass: (feeds, outputs)
+    steps = []  # every step: (tokens generated before it, its StepRecord, its forward pass)
+    drafts = {}  # tokens generated when a tree was built -> the stream ids [γ, K] it was built from
+    generated = lambda: 1 + sum(record.committed for _, record, _ in steps)  # noqa: E731 (the prefill's 1 first)
+    real_run = engine.session.run
 
-    def recorded(self, tree, state, drafting, stats):
-        start = generated()
-        steps.append((start, real_step(self, tree, state, drafting, stats)))
-        return steps[-1][1]
+    def run(feeds):
+        out = real_run(feeds)
+        runs.append(tuple({name: np.array(value) for name, value in arrays.items()} for arrays in (feeds, out)))
+        return out
 
-    monkeypatch.setattr(engine_module, "build_tree",
-                        lambda root, ids, probs, budget: oracle_tree(root, reference[generated():generated() + 3]))
-    monkeypatch.setattr(Engine, "_step", recorded)
+    def planted(root, stream_ids, stream_probs, budget):
+        drafts[generated()] = stream_ids
+        return oracle_tree(root, reference[generated():generated() + 3])
+
+    monkeypatch.setattr(engine.session, "run", run)
+    monkeypatch.setattr(engine, "on_step", lambda record: steps.append((generated(), record, runs[-1])))
+    monkeypatch.setattr(engine_module, "build_tree", planted)
     result = engine.generate(PROMPTS[0], max_new_tokens=new, ignore_eos=True)
     assert result.token_ids == reference
-    full = [(start, step) for start, step in steps if start + 4 <= new]
+    assert len(runs) == 1 + len(steps)  # the prefill, then one forward pass per step (no pruning)
+    full = [(start, record, ran) for start, record, ran in steps if start + 4 <= new]
     assert len(full) >= 4
-    for start, step in full:
-        assert step.path == [0, 2, 3, 4]
-        assert step.tokens == reference[start:start + 3] and step.correction == reference[start + 3]
-        assert step.outputs["main_ids"].shape[0] == step.tree.size == step.drafted == 5
-        assert step.draft is not None and int(step.outputs["draft_node"][0]) == 4
-        assert step.draft[0].shape[0] == 3  # [γ, K]: the next tree's draft
-    assert result.stats.accepted == [len(step.path) - 1 for _, step in steps]
+    for start, record, (feeds, out) in full:
+        tree_tokens = feeds["input_ids"].tolist()
+        assert len(tree_tokens) == out["main_ids"].shape[0] == record.tree_nodes == record.drafted_nodes == 5
+        # Accepted: 3 drafts, and the graph drafts from node 4, where the host's walk ended
+        # (the engine refuses a disagreement): the path is [0, 2, 3, 4], not through node 1.
+        assert record.accepted == 3 and int(out["draft_node"][0]) == 4
+        assert tree_tokens[2:5] == reference[start:start + 3]  # the path's tokens
+        assert int(out["main_ids"][4, 0]) == reference[start + 3] and record.committed == 4  # the correction
+        assert out["stream_ids"].shape[0] == 3  # [γ, K]: the next tree's draft
+        if start + 4 < new:  # a next step follows: its tree was built from node 4's streams
+            np.testing.assert_array_equal(drafts[start + 4], out["stream_ids"])
+    assert result.stats.accepted == [record.accepted for _, record, _ in steps]
