@@ -184,7 +184,7 @@ def test_gguf_conversion_is_atomic(tmp_path, cache, monkeypatch):
         (out / "config.json").write_text("{}")
 
     monkeypatch.setattr(loading, "_convert_gguf", finished)
-    folder = loading._gguf_folder(gguf.resolve(), progress=False)
+    folder = resolve_base(str(gguf), progress=False)  # a .gguf file: converted into the cache
     assert folder.parent == cache / "base" and folder.name.startswith("toy-")
     assert (folder / "config.json").is_file()
     assert [p for p in (cache / "base").iterdir() if p.is_dir()] == [folder]
