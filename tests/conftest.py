@@ -62,7 +62,8 @@ def tiny_opt_dir(tiny_model_dir) -> Path:
     return tiny_model_dir("opt")
 
 
-# Export options that the cache sets itself, or that do not change the folder.
+# export_model arguments that shared_export does not take: progress (always off), force,
+# and a checkpoint's provenance (source, base_dir).
 _NOT_OPTIONS = ("progress", "force", "source", "base_dir")
 
 
@@ -106,7 +107,7 @@ def shared_export(tiny_model_dir, tmp_path_factory) -> Callable[..., Path]:
     from builders import export_tiny, msa_model
     from streamspec.models.model import build_model
 
-    folders: dict[tuple, tuple[Path, dict[str, str]]] = {}
+    folders: dict[tuple, tuple[Path, dict[str, str], str]] = {}  # key -> (folder, file digests, description)
 
     def export(family: str = "llama", seed: int = 0, sharpen: float = 1.0, streams: Optional[int] = 3,
                msa_layers: int = 2, mode: str = "lossless", **options) -> Path:
@@ -117,11 +118,14 @@ def shared_export(tiny_model_dir, tmp_path_factory) -> Callable[..., Path]:
             model = msa_model(hf, num_streams=streams, msa_layers=msa_layers, mode=mode) if streams else build_model(hf)
             root = tmp_path_factory.mktemp(f"shared-{family}-{seed}-{len(folders)}")
             folder = export_tiny(model, hf, root / "onnx", **options)
-            folders[key] = folder, _digests(folder)
+            described = ", ".join([f"{family} seed {seed} sharpen {sharpen:g} streams {streams or 0}"]
+                                  + [f"{name}={value!r}" for name, value in sorted(options.items())])
+            folders[key] = folder, _digests(folder), described
         return folders[key][0]
 
     yield export
-    changed = [str(folder) for folder, digests in folders.values() if _digests(folder) != digests]
+    changed = [f"{folder} ({described})" for folder, digests, described in folders.values()
+               if _digests(folder) != digests]
     assert not changed, (f"A test changed the shared exported folder(s) {', '.join(changed)}: "
                          "tests that write into a folder must copy it first (see shared_export).")
 
