@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import PROMPTS, Reference, export_tiny, hf_greedy, msa_model, run_step, sharpened_msa
+from builders import PROMPTS, SHARPEN, Reference, export_tiny, hf_greedy, msa_model, run_step
 from helpers import assert_tokens_match, assert_top_matches
 from streamspec.models.errors import StreamspecError as ModelError
 from streamspec.models.vocab import choose_draft_vocab, save_draft_vocab
@@ -31,11 +31,13 @@ def test_choose_keeps_the_most_frequent_answer_tokens():
 
 
 @pytest.fixture(scope="module")
-def reduced(tmp_path_factory):
+def reduced(tiny_model_dir, tmp_path_factory):
     """A sharpened tiny MSA model with a drafting vocabulary, exported with and without
-    split graphs, and the same model with the whole vocabulary."""
+    split graphs, and the same model with the whole vocabulary (its own exports: no
+    other test file has this model)."""
     root = tmp_path_factory.mktemp("vocab")
-    hf, model = sharpened_msa(root, seed=1)
+    hf = tiny_model_dir("llama", seed=1, sharpen=SHARPEN)  # the llama of sharpened_msa(seed=1); shared: read only
+    model = msa_model(hf, num_streams=3)
     model.draft_vocab = VOCAB
     return {"hf": hf, "model": model, "folder": export_tiny(model, hf, root / "reduced", pruning=True),
             "full": export_tiny(model, hf, root / "full", full_draft_vocab=True)}
