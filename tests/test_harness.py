@@ -149,7 +149,9 @@ def test_one_prompts_file_format(tmp_path):
     assert [(p.id, p.text, p.domain) for p in prompts] == [("p.jsonl:1", "a", "code"), ("x", None, ""),
                                                            ("p.jsonl:4", "c", "code")]
     assert prompts[1].messages == [{"role": "user", "content": "b"}]
-    assert [p.text for p in harness.load_prompts(jsonl, 1, ["code"], skip=1)] == ["c"]
+    assert [p.text for p in harness.load_prompts(jsonl, 1, ["code"])] == ["a"]
+    assert [p.text for p in harness.load_prompts(jsonl, 1, ["code"], from_end=True)] == ["c"]
+    assert [p.text for p in harness.load_prompts(jsonl, None, from_end=True)] == ["a", None, "c"]
     text = tmp_path / "p.txt"
     text.write_text("first\n\nsecond {\n", encoding="utf-8")
     assert [(p.id, p.text) for p in harness.read_prompt_file(text)] == [("p.txt:1", "first"), ("p.txt:3", "second {")]

@@ -97,14 +97,15 @@ def default_prompts_file() -> Optional[Path]:
 
 
 def load_prompts(path: Optional[Path], limit: Optional[int], domains: Optional[Sequence[str]] = None,
-                 skip: int = 0) -> list[Prompt]:
+                 from_end: bool = False) -> list[Prompt]:
     """Prompts of a file, or by default the held-out prompts the default model's streams
     were not trained on (every domain; the standard-library harvest's held-out split
     where that file is not installed).
 
-    Per domain, the first `skip` prompts are left out (tune measures on the ones after
-    bench's) and the next `limit` are kept (`DEFAULT_NUM_PROMPTS` by default for the
-    built-in prompts, all of a file's). `domains` keeps only those domains, in file order."""
+    Per domain, the first `limit` prompts are kept (`DEFAULT_NUM_PROMPTS` by default for
+    the built-in prompts, all of a file's), or with `from_end` the last ones (tune takes
+    each domain's prompts from the end and bench from the start, so the two do not share
+    a prompt while a domain holds enough). `domains` keeps only those domains, in file order."""
     if limit is not None and limit < 1:
         raise StreamspecError(f"--num-prompts must be at least 1, got {limit}.")
     if path is None:
@@ -128,14 +129,12 @@ def load_prompts(path: Optional[Path], limit: Optional[int], domains: Optional[S
         prompts = [p for p in prompts if p.domain in domains]
     taken: dict[str, int] = {}
     kept = []
-    for prompt in prompts:
+    for prompt in (reversed(prompts) if from_end else prompts):
         seen = taken.get(prompt.domain, 0)
         taken[prompt.domain] = seen + 1
-        if seen >= skip and (limit is None or seen < skip + limit):
+        if limit is None or seen < limit:
             kept.append(prompt)
-    if not kept:
-        raise StreamspecError(f"{path} holds no prompts after the first {skip} of each domain.")
-    return kept
+    return kept[::-1] if from_end else kept
 
 
 def tokenize_prompts(folder: Path, prompts: Sequence[Prompt]) -> list[list[int]]:

@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="DIR", help="a folder written by `streamspec export`")
     parser.add_argument("--prompts", metavar="FILE", default=None,
                         help='a JSONL file of {"messages": [...]} or {"prompt": "..."} records, each with an optional '
-                             '"domain"; when omitted, the default model\'s held-out prompts of every domain that '
-                             "`streamspec bench` does not use")
+                             '"domain"; when omitted, the default model\'s held-out prompts of every domain, '
+                             "each domain's last N (`streamspec bench` takes the first)")
     parser.add_argument("--domains", default=None, metavar="LIST",
                         help="comma-separated domains of the prompts to use (default: all); tokens per pass is "
                              "reported per domain")
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if args.num_prompts < 1 or args.max_new_tokens < 1 or args.repeats < 1:
         raise StreamspecError("--num-prompts, --max-new-tokens and --repeats must be positive.")
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
-    # bench measures the first built-in held-out prompts of each domain; tune the ones after them
+    # bench measures the first built-in held-out prompts of each domain; tune the last ones
     prompts = harness.load_prompts(Path(args.prompts) if args.prompts else None, args.num_prompts, domains,
-                                   skip=0 if args.prompts else harness.DEFAULT_NUM_PROMPTS)
+                                   from_end=not args.prompts)
     console = Console()
     settings = tune.TuneSettings(folder, budgets=budgets, lookup=lookups, max_new_tokens=args.max_new_tokens,
                                  threads=args.threads, provider=args.provider, repeats=args.repeats, prune=prunes)
