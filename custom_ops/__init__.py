@@ -121,7 +121,7 @@ def _library_name(cuda: bool) -> str:
     return f"lib{stem}.so"
 
 
-def _normalise_archs(cuda_arch) -> list[str]:
+def normalise_archs(cuda_arch) -> list[str]:
     if cuda_arch is None:
         return list(DEFAULT_CUDA_ARCHS)
     if isinstance(cuda_arch, str):
@@ -180,7 +180,7 @@ def _headers_ok(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _REQUIRED_HEADERS)
 
 
-def _headers_api_version(folder: Path) -> int:
+def headers_api_version(folder: Path) -> int:
     text = (folder / "onnxruntime_c_api.h").read_text(errors="replace")
     m = re.search(r"#define\s+ORT_API_VERSION\s+(\d+)", text)
     if not m:
@@ -321,7 +321,7 @@ def build(
     when a tool is missing or the build fails (the full log is kept next to the build).
     """
     ort_version = _ort_version()
-    archs = _normalise_archs(cuda_arch) if cuda else []
+    archs = normalise_archs(cuda_arch) if cuda else []
     out_dir = cache_dir() / "ops" / _build_key(_ort_key(ort_version), cuda, archs)
     with _locked(out_dir.parent / f".{out_dir.name}.lock"):
         return _build_locked(ort_version, cuda, archs, ort_include_dir, force, out_dir)
@@ -352,7 +352,7 @@ def _build_locked(ort_version: str, cuda: bool, archs: list[str], ort_include_di
         if not nvcc:
             raise CustomOpError("nvcc not found: install the CUDA toolkit or set CUDACXX to the nvcc path")
     headers = ort_headers(ort_include_dir)
-    api = _headers_api_version(headers)
+    api = headers_api_version(headers)
     if api < MIN_ORT_API:
         raise CustomOpError(f"the headers in {headers} are ORT API {api}, older than the API {MIN_ORT_API} the op needs")
 
@@ -428,7 +428,7 @@ def library_info(path: str | os.PathLike) -> dict:
         return {}
 
 
-def _gpu_arch(device: int = 0) -> str | None:
+def gpu_arch(device: int = 0) -> str | None:
     """Compute capability of a GPU as '87', via the CUDA driver; None when unknown."""
     names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
     for name in names:
@@ -454,7 +454,7 @@ def _gpu_arch(device: int = 0) -> str | None:
     return None
 
 
-def _arch_runs_on(archs: list[str], gpu: str) -> bool:
+def arch_runs_on(archs: list[str], gpu: str) -> bool:
     """Whether a build for ``archs`` (PTX for the last one) runs on compute capability ``gpu``."""
     def split(a: str) -> tuple[int, int]:
         n = int(re.match(r"\d+", a).group())
@@ -491,10 +491,10 @@ def library_path(provider: str = "cpu") -> Path | None:
     )
     if not found:
         return None
-    gpu = _gpu_arch()
+    gpu = gpu_arch()
     if gpu:
         for lib in found:
-            if _arch_runs_on(library_info(lib).get("cuda_archs") or [], gpu):
+            if arch_runs_on(library_info(lib).get("cuda_archs") or [], gpu):
                 return lib
     return found[0]
 
@@ -543,8 +543,8 @@ def register(session_options, provider: str = "cpu") -> Path:
         raise CustomOpError(f"custom-op library {lib} was built for {info.get('machine')}: run `{command}`")
     if cuda:
         archs = info.get("cuda_archs") or []
-        gpu = _gpu_arch()
-        if gpu and archs and not _arch_runs_on(archs, gpu):
+        gpu = gpu_arch()
+        if gpu and archs and not arch_runs_on(archs, gpu):
             raise CustomOpError(
                 f"custom-op library built for sm_{', sm_'.join(archs)} but this GPU is sm_{gpu}: "
                 f"run `streamspec build-ops --cuda --cuda-arch {gpu}`"

@@ -161,7 +161,7 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
         config["graph"]["kv_dtype"] = None  # the cache has the graph's dtype unless --kv-dtype says otherwise
         config["tokenizer"] = copy_tokenizer(tokenizer_dir, tmp)
         config["tokens"] = token_ids(model, [tokenizer_dir] + ([Path(base_dir)] if base_dir else []))
-        _write_config(config, tmp)
+        write_config(config, tmp)
         if kv:
             say(f"Calibrating the {kv} KV cache on the model's own keys and values")
             _quantize_kv_cache(model, tmp, config, kv, dtype)
@@ -311,7 +311,7 @@ def deploy_config(model: Transformer, dtype: str, max_length: int, candidates: i
     }
 
 
-def _write_config(config: dict[str, Any], folder: Path) -> None:
+def write_config(config: dict[str, Any], folder: Path) -> None:
     write_json(folder / CONFIG_FILE, config)
 
 
@@ -332,7 +332,7 @@ def _quantize_kv_cache(model: Transformer, folder: Path, config: dict[str, Any],
     graph["kv_dtype"] = kv
     graph["kv_cache"] = {"dtype": kv, "scales": "per channel, calibrated", "bit_width": 8 if kv == "int8" else 4,
                          "calibration_prompts": kv_cache.CALIBRATION_PROMPTS}
-    _write_config(config, folder)
+    write_config(config, folder)
 
 
 def copy_tokenizer(tokenizer_dir: Path, folder: Path) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def cpu_library() -> Path:
 def cuda_library() -> Path:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.fail("STREAMSPEC_TEST_CUDA=1 but onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-    arch = os.environ.get("STREAMSPEC_TEST_CUDA_ARCH") or custom_ops._gpu_arch()
+    arch = os.environ.get("STREAMSPEC_TEST_CUDA_ARCH") or custom_ops.gpu_arch()
     return custom_ops.build(cuda=True, cuda_arch=[arch] if arch else None)
 
 
@@ -431,17 +431,17 @@ def test_headers_from_npm_tarball(tmp_path, monkeypatch):
     folder = custom_ops.ort_headers()
     assert folder == tmp_path / "cache" / "ort-headers-0.4.9"
     assert sorted(p.name for p in folder.iterdir()) == sorted(custom_ops._REQUIRED_HEADERS)
-    assert custom_ops._headers_api_version(folder) == 29
+    assert custom_ops.headers_api_version(folder) == 29
     with pytest.raises(CustomOpError, match="lacks the ONNX Runtime headers"):
         custom_ops.ort_headers(tmp_path)
 
 
 def test_arch_rules():
-    assert custom_ops._normalise_archs(["sm_90", "87", "8.0", "87"]) == ["80", "87", "90"]
-    assert custom_ops._normalise_archs("80,90") == ["80", "90"]
+    assert custom_ops.normalise_archs(["sm_90", "87", "8.0", "87"]) == ["80", "87", "90"]
+    assert custom_ops.normalise_archs("80,90") == ["80", "90"]
     with pytest.raises(CustomOpError):
-        custom_ops._normalise_archs(["ampere"])
-    runs = custom_ops._arch_runs_on
+        custom_ops.normalise_archs(["ampere"])
+    runs = custom_ops.arch_runs_on
     assert runs(["80", "87", "90"], "86")  # sm_80 code runs on 8.6
     assert runs(["80", "87", "90"], "120")  # PTX of compute_90 is JIT-compiled
     assert not runs(["87", "90"], "75")

@@ -107,11 +107,11 @@ def test_checkpoint_carries_the_vocabulary(reduced, tiny_model_dir, tmp_path):
     data.write_text("\n".join(json.dumps({"id": str(i), "split": split, "prompt_ids": [1, 2], "answer_ids": answer})
                               for i, (split, answer) in enumerate([("train", [9, 9, 9, 4]), ("train", [9, 4, 7]),
                                                                    ("heldout", [11, 11, 11])])) + "\n")
-    from streamspec.tools.commands.demo import _exported_from
+    from streamspec.tools.commands.demo import exported_from
 
-    assert _exported_from(folder, checkpoint)
+    assert exported_from(folder, checkpoint)
     assert vocab_main([str(checkpoint), "--data", str(data), "--size", "2"]) == 0
-    assert not _exported_from(folder, checkpoint)  # `streamspec demo` exports the changed checkpoint again
+    assert not exported_from(folder, checkpoint)  # `streamspec demo` exports the changed checkpoint again
     loaded, info = load_checkpoint(checkpoint)
     assert loaded.draft_vocab.tolist() == sorted({9, 4} | set(model.config.eos_token_ids))
     assert info.draft_vocab["train_coverage"] == pytest.approx(6 / 7)  # 7 is not kept

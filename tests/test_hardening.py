@@ -110,7 +110,7 @@ def hidden_files(folder: Path) -> list[str]:
 def test_a_failed_write_leaves_every_file_intact(engine, folder, tmp_path, monkeypatch):
     """A full disk at the moment the data is flushed: each writer says so in one sentence
     and the file it would have replaced is unchanged (no temporary file left either)."""
-    from streamspec.exporter.pipeline import _write_config
+    from streamspec.exporter.pipeline import write_config
     from streamspec.tools import tune
     from streamspec.tools.profiler import report as reports
 
@@ -136,7 +136,7 @@ def test_a_failed_write_leaves_every_file_intact(engine, folder, tmp_path, monke
     with pytest.raises(OSError):
         tune.write_choice(tuned, {"choice": choice, "date": "today", "system": {"device_name": "cpu"}, "threads": 1})
     with pytest.raises(OSError):
-        _write_config({"format": "changed"}, tuned)
+        write_config({"format": "changed"}, tuned)
     assert snapshot(*before) == before
     assert hidden_files(saved) == hidden_files(tuned) == hidden_files(tmp_path) == []
 
@@ -524,7 +524,7 @@ def test_sigterm_during_a_command_cleans_its_temporary_folder(tmp_path):
     child = run_python("import sys, time; from pathlib import Path\n"
                        "from streamspec.exporter.pipeline import work_folder\n"
                        "from streamspec.tools import cli\n"
-                       "with cli._exit_on_sigterm(), work_folder(Path(sys.argv[1])) as tmp:\n"
+                       "with cli.exit_on_sigterm(), work_folder(Path(sys.argv[1])) as tmp:\n"
                        "    print(tmp, flush=True)\n"
                        "    time.sleep(120)\n", str(out), stdout=subprocess.PIPE, text=True)
     tmp = Path(child.stdout.readline().strip())

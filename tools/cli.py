@@ -113,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 1
     try:
-        with _exit_on_sigterm():
+        with exit_on_sigterm():
             return int(args.run(args) or 0)
     except StreamspecError as error:
         print(f"streamspec {args.command}: {error}", file=sys.stderr)
@@ -127,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 @contextlib.contextmanager
-def _exit_on_sigterm() -> Iterator[None]:
+def exit_on_sigterm() -> Iterator[None]:
     """SIGTERM (systemd, `kill`) exits through Python's cleanup, like Ctrl-C: an
     interrupted export then removes its temporary folder. By default SIGTERM ends the
     process on the spot, cleanup skipped."""

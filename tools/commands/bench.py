@@ -105,11 +105,11 @@ def _default_folder(console) -> Path:
     """The default model exported once into the cache, where `streamspec demo` keeps it."""
     from streamspec.exporter import export
     from streamspec.models.loading import cache_root
-    from streamspec.tools.commands.demo import _exported_from, default_model_source
+    from streamspec.tools.commands.demo import exported_from, default_model_source
 
     source = default_model_source()
     out = cache_root() / "demo" / Path(source).name
-    if not _exported_from(out, source):  # missing, or an export of older default streams
+    if not exported_from(out, source):  # missing, or an export of older default streams
         console.print(f"[bold]Exporting[/] {source} to {out} (once)...")
         export(source, out, force=True)
     return out

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     source = default_model_source()
     out = Path(args.out) if args.out else cache_root() / "demo" / Path(source).name
-    if not _exported_from(out, source):
+    if not exported_from(out, source):
         console.print(f"[bold]Exporting[/] {source} to {out} (once)...")
         export(source, out, force=True)
     engine = Engine(out, threads=args.threads)
@@ -85,7 +85,7 @@ def default_model_source() -> str:
     return str(folder) if (folder / "streamspec.json").exists() else "default"
 
 
-def _exported_from(out, source) -> bool:
+def exported_from(out, source) -> bool:
     """Whether `out` is an export of `source` as it is now (a checkpoint changes when
     the project ships new default streams; a base model is taken as it was)."""
     import json
