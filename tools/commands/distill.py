@@ -83,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"Harvested {counts['train']} train and {counts['heldout']} held-out prompts into {folder}.")
     stats = distill(args.base, prompt_files, out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     limit=limit, progress=not args.no_progress, threads=args.threads)
-    mix = write_mix(out, {"domains": domains, "self_prompts": args.self_prompts, "seed": args.seed,
+    # --domains chooses what is written or harvested; the domains of given prompt files are
+    # their own (counted per domain below it in the mix).
+    asked = domains if (args.self_prompts or harvest_stdlib) else None
+    mix = write_mix(out, {"domains": asked, "self_prompts": args.self_prompts, "seed": args.seed,
                           "max_new_tokens": args.max_new_tokens,
                           "prompt_files": [str(p) for p in prompt_files]})
     print(f"Wrote {stats['written']} answers to {out}"
