@@ -1,19 +1,38 @@
 """Graph rewrites for ONNX Runtime after tracing: fewer, fused nodes per layer.
 
-RMSNorm: the traced `Transformer` normalises as
-    x * Reciprocal(Sqrt(ReduceMean(Pow(x, 2), [-1]) + eps))
-and the graph optimiser folds the norm's weight into the next MatMul, so onnxscript's
-own RMS fusion (which wants the weight multiply) does not match. This rule turns the
-rest into one `SimplifiedLayerNormalization` (ONNX Runtime's RMSNorm kernel, CPU and
-CUDA) with a unit scale: six nodes become one, 2 * layers + 1 times per step.
+A 135M-parameter model on a CPU spends much of a one-token step between kernels, not in
+them (2,000+ nodes per step), so every node a rewrite removes is time saved. Each rule
+replaces a traced pattern with one ONNX Runtime kernel that computes the same numbers
+(CPU and CUDA):
+
+- RMSNorm -> `SimplifiedLayerNormalization`. The traced `Transformer` normalises as
+  x * Reciprocal(Sqrt(ReduceMean(Pow(x, 2), [-1]) + eps)), and the graph optimiser
+  folds the norm's weight into the next MatMul, so onnxscript's own RMS fusion (which
+  wants the weight multiply) does not match; our rule uses a unit scale: six nodes
+  become one, 2 * layers + 1 times per step.
+- residual Add + RMSNorm -> `SkipSimplifiedLayerNormalization` (onnxscript's ORT rule),
+  which also returns the sum for the next residual.
+- RoPE -> `com.microsoft.RotaryEmbedding`. The traced rotation is
+  x * cos + cat(-x2, x1) * sin with cos, sin = cos/sin(cat(f, f)) and
+  f = positions * inv_freq (models/model.py `Transformer.rope`); the kernel takes the
+  positions and a [max_positions, D/2] table of cos(p * inv_freq), computed here once
+  in float32 the way the graph computed it, shared by every layer. Ten nodes per
+  rotated tensor become one, plus the per-step cos/sin computation.
+
+`merge_sibling_matmuls` (run after quantization, so that a GGUF's blocks are still
+matched weight by weight) turns MatMuls that read the same input (q, k, v; gate, up;
+the stream adapters' down-projections) into one MatMul over the concatenated weights
+and a Split: one kernel with a wider N instead of two or three.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 
-def _rules():
+def _rms_rule():
     import onnx_ir as ir
     from onnxscript.rewriter import _ir_utils, pattern
 
@@ -33,16 +52,188 @@ def _rules():
         return op.SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=_ir_utils.get_singleton_value(eps),
                                                stash_type=1)
 
-    return pattern.RewriteRuleSet([pattern.RewriteRule(rms, fused, check, name="RmsNormFoldedScale")],
-                                  commute=True)
+    return pattern.RewriteRule(rms, fused, check, name="RmsNormFoldedScale")
 
 
-def fuse(proto):
-    """ModelProto -> (ModelProto with the fusions applied, number of rewrites)."""
+def rope_tables(inv_freq: np.ndarray, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [max_positions, D/2] float32 of positions * inv_freq, computed in
+    float32 as the traced graph computes them (Cast(position) * inv_freq, then Cos/Sin)."""
+    angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def _rope_rule(max_positions: int):
+    """onnxscript's RotaryEmbeddingFusion leaves RotaryEmbedding(x, cos, sin) with cos, sin
+    [B, 1, R, D] computed from the positions; this rule turns the computation into
+    position ids and constant tables: com.microsoft.RotaryEmbedding(x, positions,
+    cos_table, sin_table), x [B, H, R, D] float32, positions [B, R] int64."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import _ir_utils, pattern
+
+    tables: dict[bytes, tuple] = {}  # inv_freq bytes -> (cos, sin) values, one pair for all layers
+
+    def rope(op, x, positions, last, inv_freq, heads_axis):
+        freqs = op.Mul(op.Cast(op.Unsqueeze(positions, last), to=ir.DataType.FLOAT), inv_freq)  # [B, R, D/2]
+        angles = op.Concat(freqs, freqs, axis=-1)
+        cos, sin = op.Unsqueeze(op.Cos(angles), heads_axis), op.Unsqueeze(op.Sin(angles), heads_axis)
+        return op.RotaryEmbedding(x, cos, sin, interleaved=0, _allow_other_attributes=True,
+                                  _domain="ai.onnxruntime._fusion")
+
+    def check(context, x, positions, last, inv_freq, heads_axis, **_):
+        frequencies = _ir_utils.get_numpy_value(inv_freq)
+        return (x.dtype == ir.DataType.FLOAT and frequencies is not None
+                and x.shape is not None and len(x.shape) == 4 and frequencies.size * 2 == x.shape[3]
+                and positions.dtype == ir.DataType.INT64 and positions.shape is not None and len(positions.shape) == 2
+                and _ir_utils.get_singleton_value(last) in (-1, 2)
+                and _ir_utils.get_singleton_value(heads_axis) == 1)
+
+    def fused(op, x, positions, inv_freq, **_):
+        frequencies = _ir_utils.get_numpy_value(inv_freq).reshape(-1)
+        key = frequencies.astype(np.float32).tobytes()
+        if key not in tables:
+            cos, sin = rope_tables(frequencies, max_positions)
+            tables[key] = (op.Constant(value=ir.tensor(cos)), op.Constant(value=ir.tensor(sin)))
+        cos, sin = tables[key]
+        return op.RotaryEmbedding(x, positions, cos, sin, interleaved=0, _domain="com.microsoft")
+
+    # The cos / sin computation is shared by every layer: keep it until all are rewritten.
+    return pattern.RewriteRule(rope, fused, check, name="RotaryEmbeddingFromPositions", remove_nodes=False)
+
+
+def _rope_on_rows_rule():
+    """Reshape(Transpose(RotaryEmbedding(Transpose(Reshape(x, [1, -1, H, D])))), [1, -1, H*D])
+    -> RotaryEmbedding(x, num_heads=H): the model rotates [B, H, R, D] heads, the
+    attention op wants [B, R, H*D] rows, and the kernel takes rows directly; four
+    copies of q and k per layer are gone."""
+    from onnxscript.rewriter import _ir_utils, pattern
+
+    def rows(op, x, heads_shape, rows_shape, positions, cos, sin):
+        heads = op.Transpose(op.Reshape(x, heads_shape, _allow_other_attributes=True), perm=[0, 2, 1, 3])
+        rotated = op.RotaryEmbedding(heads, positions, cos, sin, interleaved=0, _domain="com.microsoft")
+        return op.Reshape(op.Transpose(rotated, perm=[0, 2, 1, 3]), rows_shape, _allow_other_attributes=True)
+
+    def check(context, x, heads_shape, rows_shape, **_):
+        split, joined = _ir_utils.get_numpy_value(heads_shape), _ir_utils.get_numpy_value(rows_shape)
+        if split is None or joined is None or split.size != 4 or joined.size != 3:
+            return False
+        b, r, h, d = split.tolist()
+        return (x.shape is not None and len(x.shape) == 3 and x.shape[2] == h * d and b == 1 and r == -1
+                and joined.tolist() in ([1, -1, h * d], [b, -1, h * d]))
+
+    def fused(op, x, heads_shape, positions, cos, sin, **_):
+        heads = int(_ir_utils.get_numpy_value(heads_shape).reshape(-1)[2])
+        return op.RotaryEmbedding(x, positions, cos, sin, interleaved=0, num_heads=heads, _domain="com.microsoft")
+
+    return pattern.RewriteRule(rows, fused, check, name="RotaryEmbeddingOnRows")
+
+
+def fuse(proto, max_positions: Optional[int] = None):
+    """ModelProto -> (ModelProto with the fusions applied, {rule: rewrites}).
+    max_positions: rows of the RoPE tables (the export's max length); None leaves RoPE
+    unfused."""
     import onnx_ir as ir
     from onnx_ir.passes import common
+    from onnxscript.rewriter import pattern
+    from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
     model = ir.from_proto(proto)
     common.ShapeInferencePass()(model)
-    count = _rules().apply_to_model(model)
-    return ir.to_proto(model), count
+    counts = {"rms_norm": pattern.RewriteRuleSet([_rms_rule()], commute=True).apply_to_model(model)}
+    counts["skip_rms_norm"] = fuse_skip_rms_normalization(model)
+    if max_positions:
+        fuse_rotary_embedding(model)  # -> RotaryEmbedding(x, cos, sin), a function of onnxscript's
+        counts["rotary"] = pattern.RewriteRuleSet([_rope_rule(max_positions)], commute=True).apply_to_model(model)
+        # A rotation our rule did not take (fp16, scaled RoPE) goes back to the traced nodes.
+        common.InlinePass()(model)
+        common.RemoveUnusedNodesPass()(model)
+        counts["rotary_on_rows"] = pattern.RewriteRuleSet([_rope_on_rows_rule()]).apply_to_model(model)
+    common.RemoveUnusedNodesPass()(model)
+    common.RemoveUnusedFunctionsPass()(model)
+    return ir.to_proto(model), counts
+
+
+# ------------------------------------------------------------------------------ sibling MatMuls
+def merge_sibling_matmuls(proto) -> int:
+    """MatMuls (constant weight [K, N]) and MatMulNBits nodes that read the same input
+    with the same settings -> one node over the weights concatenated along N, and a
+    Split back into the original outputs. Returns how many nodes were removed."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    groups: dict[tuple, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        key = _merge_key(node, initializers)
+        if key is not None:
+            groups.setdefault(key, []).append(index)
+    merged, removed = {}, 0
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        nodes = [graph.node[i] for i in members]
+        arrays = [[numpy_helper.to_array(initializers[name], base_dir="") for name in node.input[1:]] for node in nodes]
+        if key[0] == "MatMul":
+            weight = np.concatenate([a[0] for a in arrays], axis=1)  # [K, N1 + N2 + ...]
+            widths = [a[0].shape[1] for a in arrays]
+            name = nodes[0].input[1] + ".merged"
+            graph.initializer.append(numpy_helper.from_array(weight, name))
+            fused = helper.make_node("MatMul", [nodes[0].input[0], name], [nodes[0].output[0] + ".merged"],
+                                     name=nodes[0].name + ".merged")
+        else:
+            widths = [_attribute(node, "N") for node in nodes]
+            names = []
+            for slot in range(len(arrays[0])):  # B, scales, zero points: every one is per output column
+                parts = [a[slot].reshape(width, -1) for a, width in zip(arrays, widths)]
+                joined = np.concatenate(parts, axis=0)
+                shape = (sum(widths),) + arrays[0][slot].shape[1:] if arrays[0][slot].ndim > 1 else (-1,)
+                names.append(nodes[0].input[1 + slot] + ".merged")
+                graph.initializer.append(numpy_helper.from_array(joined.reshape(shape), names[-1]))
+            attributes = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
+            attributes["N"] = sum(widths)
+            fused = helper.make_node("MatMulNBits", [nodes[0].input[0], *names], [nodes[0].output[0] + ".merged"],
+                                     name=nodes[0].name + ".merged", domain="com.microsoft", **attributes)
+        split_sizes = nodes[0].output[0] + ".split_sizes"
+        graph.initializer.append(numpy_helper.from_array(np.array(widths, dtype=np.int64), split_sizes))
+        split = helper.make_node("Split", [fused.output[0], split_sizes], [n.output[0] for n in nodes], axis=-1,
+                                 name=nodes[0].name + ".split")
+        merged[members[0]] = [fused, split]
+        for index in members[1:]:
+            merged[index] = []
+        removed += len(members) - 1
+    if not merged:
+        return 0
+    order = []
+    for index, node in enumerate(graph.node):
+        order.extend(merged.get(index, [node]))
+    graph.ClearField("node")
+    graph.node.extend(order)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    return removed
+
+
+def _attribute(node, name: str):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def _merge_key(node, initializers) -> Optional[tuple]:
+    """What sibling nodes must share to be merged (None: never merged)."""
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        weight = initializers.get(node.input[1])
+        if weight is None or len(weight.dims) != 2:
+            return None
+        return ("MatMul", node.input[0], weight.dims[0], weight.data_type)
+    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        if len(node.input) > 4 or any(name not in initializers for name in node.input[1:] if name):
+            return None  # g_idx / bias, or weights computed at run time
+        if "" in node.input[1:]:
+            return None
+        kinds = tuple(initializers[name].data_type for name in node.input[1:])
+        settings = tuple(sorted((a.name, a.i) for a in node.attribute if a.name != "N"))
+        return ("MatMulNBits", node.input[0], len(node.input), kinds, settings)
+    return None

@@ -60,14 +60,24 @@ class Blocks:
         codes = self.codes.reshape(n, -1, self.block_size).astype(np.float32)
         return ((codes - self.zero_points[:, :, None]) * self.scales[:, :, None]).reshape(n, k)
 
-    def zero_point_input(self) -> np.ndarray:
-        """MatMulNBits' zero_points: float [N, k_blocks] for 4 bits; uint8 for 8 bits (the
-        only kind its CPU kernel takes there; the 8-bit types have integer zero points)."""
-        if self.bits == 4:
-            return self.zero_points
-        zero = self.zero_points.astype(np.uint8)
-        assert np.array_equal(zero, self.zero_points), "8-bit blocks need integer zero points"
-        return zero
+    def integer_zero_points(self, zero_points: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+        """MatMulNBits' uint8 zero_points (4 bits: two per byte, low nibble first, each
+        row padded to whole bytes), or None when a zero point is not an integer code
+        (Q4_1, Q4_K: w = d·q + m)."""
+        zero = self.zero_points if zero_points is None else zero_points
+        codes = np.rint(zero)
+        if not np.array_equal(codes, zero) or codes.min() < 0 or codes.max() >= 1 << self.bits:
+            return None
+        codes = codes.astype(np.uint8)
+        if self.bits == 8:
+            return np.ascontiguousarray(codes.reshape(-1))
+        if codes.shape[1] % 2:
+            codes = np.concatenate([codes, np.zeros((codes.shape[0], 1), np.uint8)], axis=1)
+        return np.ascontiguousarray(codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(-1)
+
+    def offsets(self) -> np.ndarray:
+        """[N, k_blocks] float32: each block's offset m in w = d·q + m (= −zero point · scale)."""
+        return (-self.zero_points * self.scales).astype(np.float32)
 
     def packed(self) -> np.ndarray:
         """MatMulNBits' B: [N, k_blocks, block_size * bits / 8] uint8, codes low bits first."""

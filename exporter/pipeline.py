@@ -149,11 +149,12 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
         say(f"Tracing the step graph ({backend} attention, {dtype})")
         quantizing = dict(quantize=quantize, block_size=block_size, quantize_head=quantize_head,
                           quant_activations=quant_activations, gguf_blocks=blocks, method=quant_method)
-        graph = _write_graph(model, "step", tmp, candidates, full_logits, backend, slim, say, **quantizing)
+        graph = _write_graph(model, "step", tmp, candidates, full_logits, backend, slim, say, max_length, **quantizing)
         parts = {}
         for part in ("lower", "upper") if pruning else ():
             say(f"Tracing the {part} part of the step for tree pruning")
-            parts[part] = _write_graph(model, part, tmp, candidates, full_logits, backend, slim, say, **quantizing)
+            parts[part] = _write_graph(model, part, tmp, candidates, full_logits, backend, slim, say, max_length,
+                                       **quantizing)
         config = deploy_config(model, dtype, max_length, candidates, full_logits, backend, budget, graph,
                                source or {"kind": "model", "name": type(model).__name__})
         if parts:
@@ -174,24 +175,29 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
 
 # -------------------------------------------------------------------------- steps
 def _write_graph(model: Transformer, part: str, folder: Path, candidates: int, full_logits: bool, backend: str,
-                 slim: bool, say, quantize: str, block_size: int, quantize_head: bool,
+                 slim: bool, say, max_length: int, quantize: str, block_size: int, quantize_head: bool,
                  quant_activations: str, gguf_blocks: Optional[dict[str, Any]] = None,
                  method: str = "default") -> dict[str, Any]:
     """Trace, simplify, quantize and save the step graph or one of its parts; returns its
     entry of streamspec.json's `graph` (file, external data, names, quantization)."""
     proto = trace(model, candidates, full_logits, backend, part)
+    fused: dict[str, int] = {}
     if slim:
         say("Simplifying the graph (onnxslim, fusions)")
-        proto = simplify(proto)
+        proto, fused = simplify(proto, max_length)
     record = None
     if quantize != "none":
         say(f"Quantizing the weights to {quantize} (MatMulNBits, blocks of {block_size})")
         proto, record = quantization.quantize_weights(proto, quantize, block_size, model.config.vocab_size,
                                                       quantize_head, quant_activations, gguf_blocks, method)
+    if slim:  # after quantization, which matches a GGUF's blocks weight by weight
+        from .fusions import merge_sibling_matmuls
+
+        fused["merged_matmuls"] = merge_sibling_matmuls(proto)
     name = MODEL_FILE if part == "step" else f"{part}.onnx"
     external = _save(proto, folder, name)
     first, last = step.part_layers(model, part)
-    return {"file": name, "external_data": external, "quantization": record, **_io_names(proto),
+    return {"file": name, "external_data": external, "quantization": record, "fusions": fused, **_io_names(proto),
             "cache_inputs": step.cache_names(last, first=first), "cache_outputs": step.cache_names(last, "_out", first)}
 
 
@@ -242,10 +248,11 @@ def _drop_unused_inputs(proto) -> None:
             proto.graph.input.remove(value)
 
 
-def simplify(proto):
+def simplify(proto, max_positions: Optional[int] = None) -> tuple[Any, dict[str, int]]:
     """onnxslim (constant folding, common subexpressions, dead nodes), then our fusions
-    (fusions.py). A step that fails leaves the graph as it was, since a slower graph
-    beats no graph."""
+    (fusions.py; max_positions sizes the RoPE tables). Returns the graph and the
+    rewrites per fusion. A step that fails leaves the graph as it was, since a slower
+    graph beats no graph."""
     from . import fusions
 
     try:
@@ -255,11 +262,12 @@ def simplify(proto):
             proto = onnxslim.slim(proto) or proto
     except Exception as error:  # onnxslim raises many types on graphs it cannot handle
         warnings.warn(f"onnxslim could not simplify the graph ({error}); keeping it as traced.")
+    counts: dict[str, int] = {}
     try:
-        proto, _ = fusions.fuse(proto)
+        proto, counts = fusions.fuse(proto, max_positions)
     except Exception as error:  # the rewriter too
         warnings.warn(f"The ONNX Runtime fusions could not be applied ({error}); keeping the graph unfused.")
-    return proto
+    return proto, counts
 
 
 def _save(proto, folder: Path, name: str = MODEL_FILE) -> Optional[str]:

@@ -98,9 +98,9 @@ def quantize_weights(proto, quantize: str, block_size: int = DEFAULT_BLOCK_SIZE,
     _name_nodes(proto)
     _fold_transposed_weights(proto)
     _merge_identical_initializers(proto)
-    carried = _carry_gguf_blocks(proto, gguf_blocks, ACCURACY_LEVELS[activations], head, vocab_size) \
-        if gguf_blocks else {}
-    chosen, kept = _choose_matmuls(proto, block_size, vocab_size, head)
+    carried, carried_fp32 = _carry_gguf_blocks(proto, gguf_blocks, ACCURACY_LEVELS[activations], head, vocab_size) \
+        if gguf_blocks else ({}, [])
+    chosen, kept = _choose_matmuls(proto, block_size, vocab_size, head, set(carried_fp32))
     gathers = _embedding_gathers(proto) if bits == 4 else []
     # The quantizer takes every node of the chosen op types unless it is excluded by name.
     exclude = kept + [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name not in gathers]
@@ -140,10 +140,23 @@ def quantize_weights(proto, quantize: str, block_size: int = DEFAULT_BLOCK_SIZE,
 
 
 def _carry_gguf_blocks(proto, blocks: dict[str, Any], accuracy_level: int, head: bool,
-                       vocab_size: Optional[int]) -> dict[str, Any]:
+                       vocab_size: Optional[int]) -> tuple[dict[str, Any], list[str]]:
     """Replace every MatMul (and the embedding Gather) whose constant fp32 weight is a
     de-quantized GGUF tensor by MatMulNBits (GatherBlockQuantized) over that tensor's
-    own blocks (exporter/gguf_blocks.py). Returns what was carried, per GGUF type."""
+    own blocks (exporter/gguf_blocks.py). Returns (what was carried per GGUF type, the
+    MatMuls that must stay fp32).
+
+    Two of ONNX Runtime's CPU kernels are far slower than fp32 (measured, docs/precision.md):
+    MatMulNBits with float zero points (~30x) and 8-bit weights with fp32 activations
+    (~100x). So a block w = q·d + m with a fractional zero point (Q4_1, Q4_K) goes in with
+    integer zero point 0 and its offsets m as a second, small product:
+
+        x · Wᵀ = MatMulNBits(x, q, d, zero 0) + (x · S) · Mᵀ
+        S [K, K/block] sums each block of x, M [N, K/block] holds the offsets m
+
+    the same numbers up to float rounding, at the fast kernel's speed; and an 8-bit
+    tensor (Q8_0, Q6_K) feeding a MatMul is carried only with int8 activations
+    (accuracy_level 4), else that MatMul keeps the de-quantized fp32 weight (exact)."""
     from onnx import helper, numpy_helper
 
     from .gguf_blocks import weight_key
@@ -170,20 +183,44 @@ def _carry_gguf_blocks(proto, blocks: dict[str, Any], accuracy_level: int, head:
             added.add(name)
         return name
 
+    block_sums: dict[tuple[str, int, int], str] = {}  # (input, K, block) -> its block sums [.., K/block]
     counts: dict[str, int] = {}
-    replaced = []
+    keep_fp32: list[str] = []
+    replaced: dict[int, list] = {}
     for index, node in enumerate(graph.node):
         if node.op_type == "MatMul" and node.name not in heads:
             found = match(node.input[1])
             if found is None:
                 continue
-            w = node.input[1]
-            n, k = found.codes.shape
-            new = helper.make_node(
-                "MatMulNBits", [node.input[0], add(f"{w}.gguf_q", found.packed()), add(f"{w}.gguf_scales", found.scales),
-                                add(f"{w}.gguf_zero_points", found.zero_point_input())],
-                list(node.output), name=node.name, domain="com.microsoft", K=k, N=n, bits=found.bits,
-                block_size=found.block_size, accuracy_level=accuracy_level)
+            if found.bits == 8 and accuracy_level == 1:
+                keep_fp32.append(node.name)  # the de-quantized weight, exactly; see the docstring
+                continue
+            w, x, (n, k) = node.input[1], node.input[0], found.codes.shape
+            integer = found.integer_zero_points()
+            # Fractional zero points: zero 0 here, the offsets in a second product below.
+            zero = integer if integer is not None else found.integer_zero_points(np.zeros_like(found.zero_points))
+            blocks_out = node.output[0] if integer is not None else f"{node.output[0]}.blocks"
+            new = []
+            new.append(helper.make_node(
+                "MatMulNBits", [x, add(f"{w}.gguf_q", found.packed()), add(f"{w}.gguf_scales", found.scales),
+                                add(f"{w}.gguf_zero_points{found.bits}", zero)],
+                [blocks_out], name=node.name, domain="com.microsoft", K=k, N=n, bits=found.bits,
+                block_size=found.block_size, accuracy_level=accuracy_level))
+            if blocks_out != node.output[0]:
+                key = (x, k, found.block_size)
+                if key not in block_sums:
+                    sums = np.kron(np.eye(k // found.block_size, dtype=np.float32),
+                                   np.ones((found.block_size, 1), np.float32))  # S [K, K/block]
+                    block_sums[key] = f"{x}.block_sums{found.block_size}"
+                    new.insert(0, helper.make_node("MatMul", [x, add(f"block_sums.{k}.{found.block_size}", sums)],
+                                                   [block_sums[key]], name=f"{node.name}.block_sums"))
+                    keep_fp32.append(f"{node.name}.block_sums")
+                offsets = np.ascontiguousarray(found.offsets().T)  # Mᵀ [K/block, N]
+                new.append(helper.make_node("MatMul", [block_sums[key], add(f"{w}.gguf_offsets", offsets)],
+                                            [f"{node.output[0]}.offsets"], name=f"{node.name}.offsets"))
+                new.append(helper.make_node("Add", [blocks_out, f"{node.output[0]}.offsets"], list(node.output),
+                                            name=f"{node.name}.add_offsets"))
+                keep_fp32.append(f"{node.name}.offsets")
         elif node.op_type == "Gather" and _axis(node) == 0:
             found = match(node.input[0])
             if found is None or found.bits != 8:  # 8-bit tables only: a Gather's zero points are uint8
@@ -192,20 +229,22 @@ def _carry_gguf_blocks(proto, blocks: dict[str, Any], accuracy_level: int, head:
             zero = found.zero_points.astype(np.uint8)
             if not np.array_equal(zero, found.zero_points):
                 continue
-            new = helper.make_node(
+            new = [helper.make_node(
                 "GatherBlockQuantized", [add(f"{w}.gguf_q8", found.codes), node.input[1],
                                          add(f"{w}.gguf_scales", found.scales), add(f"{w}.gguf_zero_points8", zero)],
                 list(node.output), name=node.name, domain="com.microsoft", bits=8, block_size=found.block_size,
-                gather_axis=0, quantize_axis=1)
+                gather_axis=0, quantize_axis=1)]
         else:
             continue
-        replaced.append((index, new))
+        replaced[index] = new
         counts[found.gguf_type] = counts.get(found.gguf_type, 0) + 1
-    for index, new in replaced:
-        graph.node[index].CopyFrom(new)
+    if replaced:
+        order = [n for index, node in enumerate(graph.node) for n in replaced.get(index, [node])]
+        graph.ClearField("node")
+        graph.node.extend(order)
     if replaced and not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return counts
+    return counts, keep_fp32
 
 
 def _passes(method: str, matmuls: bool, gathers: bool) -> list[tuple[str, tuple[str, ...]]]:
@@ -323,10 +362,11 @@ def _merge_identical_initializers(proto) -> None:
     graph.initializer.extend(kept)
 
 
-def _choose_matmuls(proto, block_size: int, vocab_size: Optional[int], head: bool) -> tuple[list[str], list[str]]:
-    """(MatMuls to quantize, MatMuls kept fp32). Kept: the head when head=False, and
-    matrices with a side shorter than a block (the low-rank stream adapters: a few KiB,
-    and quantizing them would only cost accuracy)."""
+def _choose_matmuls(proto, block_size: int, vocab_size: Optional[int], head: bool,
+                    fp32: frozenset = frozenset()) -> tuple[list[str], list[str]]:
+    """(MatMuls to quantize, MatMuls kept fp32). Kept: the head when head=False, the
+    names in `fp32`, and matrices with a side shorter than a block (the low-rank stream
+    adapters: a few KiB, and quantizing them would only cost accuracy)."""
     initializers = {t.name: t for t in proto.graph.initializer}
     heads = _head_matmuls(proto, vocab_size) if not head else set()
     chosen, kept = [], []
@@ -335,7 +375,7 @@ def _choose_matmuls(proto, block_size: int, vocab_size: Optional[int], head: boo
             continue
         dims = list(initializers[node.input[1]].dims)
         small = len(dims) != 2 or min(dims) < block_size
-        (kept if small or node.name in heads else chosen).append(node.name)
+        (kept if small or node.name in heads or node.name in fp32 else chosen).append(node.name)
     return chosen, kept
 
 

@@ -164,3 +164,18 @@ def test_the_other_benchmarks_are_bench_subcommands(capsys):
     assert err.startswith("streamspec bench pruning: --prune must be a number in (0, 1)") and err.count("\n") == 1
     assert main(["bench", "attention", "--trees", "0"]) == 1
     assert "--trees must be between 1 and 4096, got 0" in capsys.readouterr().err
+
+
+def test_llama_cpp_row_needs_the_library_and_a_gguf_base(tiny, monkeypatch):
+    """llama.cpp runs the base's own GGUF file: a Hugging Face base has none, and a
+    machine without llama-cpp-python says so; either way the row is skipped with why."""
+    import importlib.util
+
+    hf, folder, _ = tiny
+    settings = bench.make_settings(folder, ["llama-cpp"], 1, False, hf)
+    adapter = bench.LlamaCppAdapter(settings)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    assert "pip install llama-cpp-python" in adapter.unavailable()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "llama_cpp" else real(name, *a))
+    assert "no GGUF file" in adapter.unavailable()

@@ -53,32 +53,49 @@ def test_blocks_reproduce_gguf_dequantization(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(LAYOUTS))
-@pytest.mark.parametrize("accuracy_level", [1, 4])
-def test_matmulnbits_over_carried_blocks(kind, accuracy_level):
-    """One MatMulNBits node over the blocks equals x @ W^T of the de-quantized weight:
-    within float rounding at accuracy level 1, within int8 activation rounding at 4."""
+@pytest.mark.parametrize("activations", ["fp32", "int8"])
+def test_matmul_over_carried_blocks(kind, activations):
+    """A MatMul whose weight is a de-quantized GGUF tensor, carried by `quantize_weights`,
+    equals x @ W^T: within float rounding with fp32 activations, within int8 activation
+    rounding with int8. It never uses the CPU kernels that are far slower than fp32:
+    no float zero points (fractional ones go in as zero 0 plus an offsets product), and
+    8-bit blocks only with int8 activations (else the fp32 weight stays)."""
+    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from streamspec.exporter.gguf_blocks import carried_weights
+    from streamspec.exporter.quantize import quantize_weights
+
     rows, columns = 64, 512  # N, K
     raw = random_tensor(kind, rows, columns, seed=1)
-    blocks = blocks_of(kind, raw, rows, columns)
     weight = gguf_dequantize(kind, raw, rows, columns)
-    node = helper.make_node("MatMulNBits", ["x", "q", "scales", "zero_points"], ["y"], domain="com.microsoft",
-                            K=columns, N=rows, bits=blocks.bits, block_size=blocks.block_size,
-                            accuracy_level=accuracy_level)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="up")
     graph = helper.make_graph(
         [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, columns])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, rows])],
-        [numpy_helper.from_array(blocks.packed(), "q"), numpy_helper.from_array(blocks.scales, "scales"),
-         numpy_helper.from_array(blocks.zero_point_input(), "zero_points")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        [numpy_helper.from_array(np.ascontiguousarray(weight.T), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    carried, _ = carried_weights([("blk.0.ffn_up.weight", kind, raw, rows, columns)], num_heads=4, num_kv_heads=4)
+    quantized, record = quantize_weights(onnx.ModelProto.FromString(model.SerializeToString()), "int4", 32,
+                                         activations=activations, gguf_blocks=carried)
+    ops = [n.op_type for n in quantized.graph.node]
+    bits = blocks_of(kind, raw, rows, columns).bits
+    if bits == 8 and activations == "fp32":
+        assert ops == ["MatMul"] and record.get("gguf_blocks") is None
+    else:
+        assert ops.count("MatMulNBits") == 1 and record["gguf_blocks"] == {kind: 1}
+        initializers = {t.name: t for t in quantized.graph.initializer}
+        nbits = next(n for n in quantized.graph.node if n.op_type == "MatMulNBits")
+        assert initializers[nbits.input[3]].data_type == TensorProto.UINT8
+        fractional = kind in ("Q4_1", "Q4_K")
+        assert ("Add" in ops) == fractional and ops.count("MatMul") == 2 * fractional
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(2).standard_normal((5, columns)).astype(np.float32)
     (y,) = session.run(None, {"x": x})
     reference = x.astype(np.float64) @ weight.T.astype(np.float64)
     scale = np.abs(reference).max()
-    tolerance = 1e-5 if accuracy_level == 1 else 2e-2  # int8 activations: ~1/127 of each block's range
+    tolerance = 1e-5 if activations == "fp32" else 2e-2  # int8 activations: ~1/127 of each block's range
     assert np.abs(y - reference).max() <= tolerance * scale
 
 
@@ -123,8 +140,10 @@ def test_quantize_weights_carries_matching_weights():
     quantized, record = quantize_weights(onnx.ModelProto.FromString(proto.SerializeToString()), "int4", 32,
                                          vocab_size=vocab, gguf_blocks=carried)
     ops = [node.op_type for node in quantized.graph.node]
-    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 4 and "MatMul" not in ops
-    assert record["gguf_blocks"] == {"Q8_0": 3, "Q4_1": 1}  # embedding + two heads; the up projection
+    # The two heads keep the fp32 weight (8-bit blocks need int8 activations to be fast);
+    # the up projection: its blocks with zero 0, plus the block sums times its offsets.
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 2 and ops.count("MatMul") == 4
+    assert record["gguf_blocks"] == {"Q8_0": 1, "Q4_1": 1}  # the embedding; the up projection
     assert record["matmuls"] == 1  # "down" matched no GGUF tensor: re-quantized (round to nearest)
     session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([1, 5, 90], np.int64)

@@ -9,6 +9,7 @@ and the same `max_new_tokens` and end-of-sequence rule for every system:
     transformers     `generate`, greedy, PyTorch
     prompt-lookup    `generate` with prompt-lookup assisted decoding
     ort-genai        onnxruntime-genai, greedy (model built once into the cache)
+    llama-cpp        llama.cpp through llama-cpp-python, greedy, on the base's own GGUF
 
 Each system is an adapter with `generate(prompt_ids, max_new_tokens) -> (ids, passes)`.
 Every system loads once and runs one warm-up generation; then each repeat runs every
@@ -408,8 +409,51 @@ class GenaiAdapter(Adapter):
         return cut(new, max_new_tokens, self.settings.stop_ids), len(new)
 
 
+class LlamaCppAdapter(Adapter):
+    """llama.cpp (through llama-cpp-python), greedy, on the base model's own GGUF file:
+    the reference point for a quantized CPU folder. Only a base that came from a GGUF
+    has one."""
+
+    name, label = "llama-cpp", "llama.cpp (llama-cpp-python)"
+    needs_hf = True
+
+    def unavailable(self) -> Optional[str]:
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "llama_cpp is not importable (pip install llama-cpp-python; it builds llama.cpp from source)"
+        if self._gguf() is None:
+            return "the base model is no GGUF file, so llama.cpp has nothing of the same weights to run"
+        return None
+
+    def _gguf(self) -> Optional[Path]:
+        from streamspec.exporter.gguf_blocks import gguf_source
+
+        return gguf_source(self.settings.hf_folder)
+
+    def prepare(self) -> None:
+        _preload("llama_cpp")
+
+    def load(self) -> None:
+        from llama_cpp import Llama
+
+        with _quiet():
+            self.model = Llama(str(self._gguf()), n_ctx=4096, n_threads=self.settings.threads,
+                               n_threads_batch=self.settings.threads, verbose=False)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], int]:
+        self.model.reset()  # no prompt reuse from the previous generation: every system prefills
+        new: list[int] = []
+        for token in self.model.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                         reset=True):
+            new.append(int(token))
+            if len(new) >= max_new_tokens or token in self.settings.stop_ids:
+                break
+        # One forward pass per new token, the prefill included (the last token is not evaluated).
+        return cut(new, max_new_tokens, self.settings.stop_ids), len(new)
+
+
 ADAPTERS: dict[str, type[Adapter]] = {cls.name: cls for cls in (
-    StreamspecAdapter, StreamspecARAdapter, OptimumAdapter, TransformersAdapter, PromptLookupAdapter, GenaiAdapter)}
+    StreamspecAdapter, StreamspecARAdapter, OptimumAdapter, TransformersAdapter, PromptLookupAdapter, GenaiAdapter,
+    LlamaCppAdapter)}
 SYSTEMS = tuple(ADAPTERS)
 REFERENCE = "transformers"  # outputs are compared with this system's
 

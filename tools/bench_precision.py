@@ -53,13 +53,18 @@ MODES = ("ar", "spec")
 
 # ------------------------------------------------------------------------------ folders
 def precision_of(folder: Path) -> str:
-    """"fp32", "fp16", "int8" or "int4", + "+kv8" / "+kv4" for a quantized KV cache, from
-    a folder's streamspec.json."""
+    """"fp32", "fp16", "int8" or "int4" from a folder's streamspec.json, with "-ALGORITHM"
+    for a weight-only algorithm other than the default (int4-hqq), "+a8" for int8
+    activations and "+kv8" / "+kv4" for a quantized KV cache."""
     from streamspec.runtime.folder import read_folder
 
     graph = read_folder(folder).graph
     quantization = graph.get("quantization")
     weights = f"int{quantization['bits']}" if quantization else graph["dtype"]
+    if quantization and quantization.get("algorithm", "default") != "default":
+        weights += f"-{quantization['algorithm']}"
+    if quantization and quantization.get("activations") == "int8":
+        weights += "+a8"
     kv = graph.get("kv_dtype")
     return weights + (f"+kv{kv[3:]}" if kv else "")
 
@@ -84,14 +89,12 @@ def resolve_folders(sources: Sequence[str], precisions: Sequence[str], out_dir: 
     """precision -> folder: the given exported folders, or exports of one source."""
     paths = [Path(s).expanduser() for s in sources]
     if all(is_exported(p) for p in paths):
-        folders: dict[str, Path] = {}
-        for path in paths:
-            precision = precision_of(path)
-            if precision in folders:
-                raise StreamspecError(f"{folders[precision]} and {path} are both {precision}; pass one folder per "
-                                      "precision.")
-            folders[precision] = path
-        return dict(sorted(folders.items(), key=lambda item: _order(item[0])))
+        labels = [precision_of(path) for path in paths]
+        # Two folders of one precision (say, before and after a change) are told apart by name.
+        labels = [f"{label} ({path.name})" if labels.count(label) > 1 else label for label, path in zip(labels, paths)]
+        if len(set(labels)) < len(labels):
+            raise StreamspecError("Two of the folders have the same precision and the same name; rename one.")
+        return dict(sorted(zip(labels, paths), key=lambda item: _order(item[0])))
     if len(paths) != 1:
         raise StreamspecError("Pass either one checkpoint or base model, or exported folders only (not a mix).")
     return export_precisions(sources[0], precisions, out_dir, block_size, max_length, force, activations, say)
@@ -99,7 +102,7 @@ def resolve_folders(sources: Sequence[str], precisions: Sequence[str], out_dir: 
 
 def _order(precision: str) -> tuple[int, str]:
     """fp32 first (the reference), then fp16, int8, int4; KV variants after their weights."""
-    weights = precision.split("+")[0]
+    weights = precision.split("+")[0].split("-")[0].split(" ")[0]
     order = ("fp32", "fp16", "int8", "int4")
     return (order.index(weights) if weights in order else len(order), precision)
 
@@ -219,8 +222,9 @@ def build_report(precisions: list[Precision], measured: Measurement, prompt_ids:
     from streamspec.runtime.folder import read_folder
     from streamspec.runtime.memory import estimate_memory
 
-    fp32 = next((p for p in precisions if p.name == "fp32"), None)
-    reference = [r.ids for r in measured.firsts(arm_name("fp32", "ar"))] if fp32 else None
+    # The reference: the first fp32 folder (sorted first), "fp32" or "fp32 (NAME)".
+    fp32 = next((p for p in precisions if p.name.split(" ")[0] == "fp32"), None)
+    reference = [r.ids for r in measured.firsts(arm_name(fp32.name, "ar"))] if fp32 else None
     rows, summary = [], []
     for p in precisions:
         config = read_folder(p.folder)
