@@ -22,7 +22,9 @@ replaces a traced pattern with one ONNX Runtime kernel that computes the same nu
 `merge_sibling_matmuls` (run after quantization, so that a GGUF's blocks are still
 matched weight by weight) turns MatMuls that read the same input (q, k, v; gate, up;
 the stream adapters' down-projections) into one MatMul over the concatenated weights
-and a Split: one kernel with a wider N instead of two or three.
+and a Split: one kernel with a wider N instead of two or three. `add_before_split`
+then adds two such merged products before splitting them (a GGUF's offsets product,
+quantize.py), rather than part by part.
 """
 
 from __future__ import annotations
@@ -213,6 +215,61 @@ def merge_sibling_matmuls(proto) -> int:
     graph.ClearField("initializer")
     graph.initializer.extend(kept)
     return removed
+
+
+def add_before_split(proto) -> int:
+    """Add(Split(a)[i], Split(b)[i]) for every i -> Split(Add(a, b)): a merged MatMul's
+    parts plus the matching parts of another merged MatMul (a GGUF's offsets product,
+    quantize.py) become one Add and one Split. Returns the nodes removed."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    nodes = list(graph.node)
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(index)
+    producer = {out: index for index, node in enumerate(nodes) for out in node.output}
+
+    initializers = {t.name: t for t in graph.initializer}
+
+    def setup(node) -> tuple:  # the split sizes' values (each merge names its own) and the axis
+        sizes = tuple(numpy_helper.to_array(initializers[name]).tobytes() if name in initializers else name
+                      for name in node.input[1:])
+        return sizes, tuple((a.name, a.i) for a in node.attribute)
+
+    gone: set[int] = set()
+    replacement: dict[int, list] = {}
+    for index, first in enumerate(nodes):
+        if first.op_type != "Split" or index in gone:
+            continue
+        users = [consumers.get(out, []) for out in first.output]
+        if not all(len(u) == 1 and nodes[u[0]].op_type == "Add" for u in users):
+            continue
+        adds = [u[0] for u in users]
+        others = [nodes[a].input[1] if nodes[a].input[0] == out else nodes[a].input[0]
+                  for a, out in zip(adds, first.output)]
+        other = producer.get(others[0])
+        if (other is None or other == index or other in gone or nodes[other].op_type != "Split"
+                or list(nodes[other].output) != others or setup(nodes[other]) != setup(first)
+                or any(len(consumers.get(out, [])) != 1 for out in others)):
+            continue
+        total = first.output[0] + ".plus"
+        attributes = {a.name: helper.get_attribute_value(a) for a in first.attribute}
+        # The pair takes the first Add's place: both Splits' inputs exist there, and
+        # every Add's users come after it.
+        replacement[min(adds)] = [
+            helper.make_node("Add", [first.input[0], nodes[other].input[0]], [total], name=first.name + ".add"),
+            helper.make_node("Split", [total, *first.input[1:]], [nodes[a].output[0] for a in adds],
+                             name=first.name + ".after_add", **attributes)]
+        gone.update([index, other, *adds])
+    if not gone:
+        return 0
+    order = [n for index, node in enumerate(nodes)
+             for n in (replacement.get(index) or ([] if index in gone else [node]))]
+    graph.ClearField("node")
+    graph.node.extend(order)
+    return len(nodes) - len(order)
 
 
 def _attribute(node, name: str):

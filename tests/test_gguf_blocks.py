@@ -149,3 +149,42 @@ def test_quantize_weights_carries_matching_weights():
     ids = np.array([1, 5, 90], np.int64)
     (want_logits, _, _), (got_logits, _, _) = reference.run(None, {"ids": ids}), session.run(None, {"ids": ids})
     np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5 * np.abs(want_logits).max())
+
+
+def test_sibling_products_merge_with_their_offsets():
+    """Three Q4_1 weights read by one input (q, k, v): carried, then merged by the export
+    fusions into one MatMulNBits, one offsets product, one Add and one Split, with the
+    outputs of the unmerged graph."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from streamspec.exporter.fusions import add_before_split, merge_sibling_matmuls
+    from streamspec.exporter.gguf_blocks import carried_weights
+    from streamspec.exporter.quantize import quantize_weights
+
+    columns, widths = 256, (64, 32, 32)
+    raws = [random_tensor("Q4_1", rows, columns, seed=10 + i) for i, rows in enumerate(widths)]
+    weights = [gguf_dequantize("Q4_1", raw, rows, columns) for raw, rows in zip(raws, widths)]
+    names = ("q", "k", "v")
+    nodes = [helper.make_node("MatMul", ["x", f"w{n}"], [n], name=n) for n in names]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, columns])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, rows]) for n, rows in zip(names, widths)],
+        [numpy_helper.from_array(np.ascontiguousarray(w.T), f"w{n}") for n, w in zip(names, weights)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    tensors = [(f"blk.0.ffn_up{i}.weight", "Q4_1", raw, rows, columns) for i, (raw, rows) in enumerate(zip(raws, widths))]
+    carried, _ = carried_weights(tensors, num_heads=4, num_kv_heads=4)
+    quantized, _ = quantize_weights(onnx.ModelProto.FromString(model.SerializeToString()), "int4", 32,
+                                    gguf_blocks=carried)
+    before = [n.op_type for n in quantized.graph.node]
+    assert before.count("MatMulNBits") == 3 and before.count("Add") == 3
+    x = np.random.default_rng(4).standard_normal((3, columns)).astype(np.float32)
+    want = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert merge_sibling_matmuls(quantized) == 2 + 2  # MatMulNBits 3 -> 1, offsets products 3 -> 1
+    assert add_before_split(quantized) == 3  # 2 Splits + 3 Adds -> 1 Add + 1 Split
+    after = [n.op_type for n in quantized.graph.node]
+    assert (after.count("MatMulNBits"), after.count("Add"), after.count("Split")) == (1, 1, 1)
+    got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())

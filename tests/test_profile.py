@@ -147,6 +147,20 @@ def test_plain_base_model_profiles_autoregressive_decoding(folders):
     assert "no speculative streams" in text and "Step latency" in text
 
 
+def test_speculative_generations_without_a_tree_step_have_no_acceptance():
+    """A speculative generation whose prompt alone reached max_new_tokens (or one the
+    engine ran without trees) has no step to score: no acceptance section rather than
+    a table of empty ratios (which used to crash the rendering)."""
+    from streamspec.tools.profiler import figures
+
+    empty = {"mode": "speculative", "new_tokens": 0,
+             "per_step": {"accepted": [], "tree_depth": [], "committed": [], "tree_nodes": []}}
+    assert figures.acceptance([empty, dict(empty)], num_streams=3) is None
+    one = {"mode": "speculative", "per_step": {"accepted": [1], "tree_depth": [2], "committed": [2], "tree_nodes": [4]},
+           "new_tokens": 3}
+    assert figures.acceptance([empty, one], num_streams=3)["mean_tree_nodes"] == 4
+
+
 # ------------------------------------------------------------------------------ rendering
 def render_text(report: dict, width: int) -> str:
     console = Console(record=True, width=width, file=io.StringIO())

@@ -60,9 +60,11 @@ def test_folder_records_the_quantization_and_shrinks(folders, name, bits):
     assert record["lm_head"] is True and record["matmuls"] > 0 and record["accuracy_level"] == 1  # fp32 by default
     assert read_folder(folders["fp32"]).graph["quantization"] is None
     ops = graph_ops(folders[name])
-    assert ops["MatMulNBits"] == record["matmuls"]
-    # What stays a MatMul: the activations' products and the rank-4 stream adapters.
-    assert ops.get("MatMul", 0) == record["matmuls_kept_fp32"]
+    # Every MatMul is quantized or kept (the activations' products and the rank-4 stream
+    # adapters); the fusions then merge siblings (q, k, v; gate, up) into one node.
+    merged = read_folder(folders[name]).graph["fusions"]["merged_matmuls"]
+    assert merged > 0 and ops["MatMulNBits"] < record["matmuls"]
+    assert ops["MatMulNBits"] + ops.get("MatMul", 0) + merged == record["matmuls"] + record["matmuls_kept_fp32"]
     assert ("GatherBlockQuantized" in ops) == (bits == 4) == (record["embedding"] == "GatherBlockQuantized")
     size = (folders[name] / "model.onnx").stat().st_size
     assert size < (0.45 if bits == 8 else 0.3) * (folders["fp32"] / "model.onnx").stat().st_size
@@ -300,12 +302,25 @@ def test_bench_precision_on_exported_folders(folders, tmp_path, capsys):
     assert "int4" in table and "spec=AR" in table
 
 
+def test_bench_precision_tells_folders_of_one_precision_apart(folders, tmp_path):
+    """Two folders of one precision (before and after a change) are labelled by name;
+    the first fp32 folder is the reference."""
+    import shutil
+
+    from streamspec.tools.bench_precision import resolve_folders
+
+    other = shutil.copytree(folders["int4"], tmp_path / "int4-other")
+    labels = resolve_folders([str(folders["int4"]), str(other), str(folders["fp32"])], [], None, 32, 64, False)
+    assert list(labels) == ["fp32", "int4 (int4)", "int4 (int4-other)"]
+    assert labels["int4 (int4-other)"] == other
+
+
 def test_bench_precision_bad_input(folders, tmp_path, capsys):
     from streamspec.tools import bench_precision
 
     code = bench_precision.main([str(folders["int4"]), str(folders["int4"]), "--no-progress",
                                  "--json", str(tmp_path / "r.json")])
-    assert code == 1 and "both int4" in capsys.readouterr().err
+    assert code == 1 and "given twice" in capsys.readouterr().err
     code = bench_precision.main([str(folders["int4"]), str(tmp_path), "--no-progress"])
     assert code == 1 and "not a mix" in capsys.readouterr().err
     assert bench_precision.agreement([1, 2, 3], [1, 2, 3]) == 1.0

@@ -89,6 +89,9 @@ def resolve_folders(sources: Sequence[str], precisions: Sequence[str], out_dir: 
     """precision -> folder: the given exported folders, or exports of one source."""
     paths = [Path(s).expanduser() for s in sources]
     if all(is_exported(p) for p in paths):
+        twice = next((path for i, path in enumerate(paths) if path.resolve() in [p.resolve() for p in paths[:i]]), None)
+        if twice is not None:
+            raise StreamspecError(f"{twice} is given twice; pass each folder once.")
         labels = [precision_of(path) for path in paths]
         # Two folders of one precision (say, before and after a change) are told apart by name.
         labels = [f"{label} ({path.name})" if labels.count(label) > 1 else label for label, path in zip(labels, paths)]

@@ -94,6 +94,8 @@ def acceptance(generations: list[dict], num_streams: int) -> Optional[dict]:
     if not gens:
         return None
     accepted = [a for g in gens for a in g["per_step"]["accepted"]]
+    if not accepted:  # speculative generations without a tree step (budget 0)
+        return None
     depths = [d for g in gens for d in g["per_step"]["tree_depth"]]
     committed = [c for g in gens for c in g["per_step"]["committed"]]
     nodes = [n for g in gens for n in g["per_step"]["tree_nodes"]]
