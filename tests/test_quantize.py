@@ -392,3 +392,19 @@ def test_quantizer_algorithms_on_a_tied_head(method):
     with pytest.raises(StreamspecError, match="4 bits only"):
         from streamspec.exporter.quantize import check_quantization
         check_quantization("int8", 32, method=method)
+
+
+def test_bench_kernels_reports_every_variant(tmp_path, capsys):
+    """`streamspec bench kernels`: every kernel variant at every row count, against the fp32
+    MatMul of the same shape (structure only: timings are never asserted)."""
+    from streamspec.tools import bench_kernels
+
+    out = tmp_path / "kernels.json"
+    assert bench_kernels.main(["--shapes", "mlp", "--rows", "1", "3", "--repeats", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    kernels = {v.name for v in bench_kernels.VARIANTS}
+    assert {(r["kernel"], r["rows"]) for r in report["results"]} == {(k, rows) for k in kernels for rows in (1, 3)}
+    assert all(r["median_us"] > 0 for r in report["results"])
+    assert all(r["times_fp32"] == pytest.approx(1.0) for r in report["results"] if r["bits"] is None)
+    assert "float zero points" in capsys.readouterr().out
+    assert bench_kernels.main(["--rows", "0", "--json", str(out)]) == 1

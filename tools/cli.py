@@ -39,6 +39,7 @@ COMMANDS = {
     "bench pruning": "bench_pruning",
     "bench attention": "bench_attention",
     "bench distill": "bench_distill",
+    "bench kernels": "bench_kernels",
     "tune": "tune",
 }
 

@@ -19,7 +19,8 @@ HELP = ("Benchmark streamspec (speculative and autoregressive) against optimum, 
         "prompt lookup) and onnxruntime-genai: same weights, same prompts, side by side in one run.")
 EPILOG = ("The other benchmarks are commands of their own, each with --help: `streamspec bench precision` "
           "(fp32 / int8 / int4), `bench pruning` (tree pruning and prompt lookup), `bench attention` (the two "
-          "attention backends' step latency), `bench distill` (distillation throughput).")
+          "attention backends' step latency), `bench distill` (distillation throughput), `bench kernels` "
+          "(quantized MatMul kernels).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
