@@ -222,18 +222,24 @@ def trace(model: Transformer, candidates: int, full_logits: bool, backend: str, 
     attention = BACKENDS[backend]
     attention.register_schema()
     graph = step.PARTS[part](model.eval(), candidates, full_logits).eval()
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            graph, step.example_inputs(model, TRACE_CACHE_LENGTH, part), dynamo=True,
-            dynamic_shapes=step.dynamic_shapes(model, part), input_names=step.input_names(model, part),
-            output_names=step.output_names(model, full_logits, part),
-            custom_translation_table={torch.ops.streamspec.tree_attention.default: attention.tree_attention,
-                                      torch.ops.streamspec.sample_tokens.default: sampler.sample_tokens})
-    quiet.setLevel(level)
+    # e.g. "torchvision is not installed", "Attribute type is ambiguous" (onnx_ir, for
+    # empty attribute lists the translation writes): not the user's business.
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                graph, step.example_inputs(model, TRACE_CACHE_LENGTH, part), dynamo=True,
+                dynamic_shapes=step.dynamic_shapes(model, part), input_names=step.input_names(model, part),
+                output_names=step.output_names(model, full_logits, part),
+                custom_translation_table={torch.ops.streamspec.tree_attention.default: attention.tree_attention,
+                                          torch.ops.streamspec.sample_tokens.default: sampler.sample_tokens})
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
     proto = program.model_proto
     _drop_unused_inputs(proto)
     return proto

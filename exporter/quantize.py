@@ -50,7 +50,10 @@ QUANTIZATIONS: dict[str, Optional[int]] = {"none": None, "int8": 8, "int4": 4}  
 DEFAULT_BLOCK_SIZE = 32
 # --quant-activations -> MatMulNBits accuracy_level: how the input A is computed with
 # (1: as fp32; 4: quantized to int8 per row and block of K, the fast CPU path).
-ACCURACY_LEVELS = {"fp32": 1, "int8": 4}
+ACCURACY_LEVELS = {"fp32": 1, "int8": 4, "int8-head": 1}
+# int8-head: int8 activations in the LM head only (N = the vocabulary), the rest fp32:
+# the head is the largest MatMul of a step, and an 8-bit GGUF head is fast only so.
+HEAD_ACCURACY_LEVELS = {"fp32": 1, "int8": 4, "int8-head": 4}
 DEFAULT_ACTIVATIONS = "fp32"
 # --quant-method: ONNX Runtime's weight-only algorithms (matmul_nbits_quantizer), all
 # without calibration data. default: min/max round to nearest per block (MLAS's own);
@@ -68,7 +71,7 @@ def check_quantization(quantize: str, block_size: int, activations: str = DEFAUL
     if quantize not in QUANTIZATIONS:
         raise StreamspecError(f"--quantize must be none, int8 or int4, got {quantize!r}.")
     if activations not in ACCURACY_LEVELS:
-        raise StreamspecError(f"--quant-activations must be int8 or fp32, got {activations!r}.")
+        raise StreamspecError(f"--quant-activations must be fp32, int8 or int8-head, got {activations!r}.")
     if method not in METHODS:
         raise StreamspecError(f"--quant-method must be one of {', '.join(METHODS)}, got {method!r}.")
     bits = QUANTIZATIONS[quantize]
@@ -98,7 +101,9 @@ def quantize_weights(proto, quantize: str, block_size: int = DEFAULT_BLOCK_SIZE,
     _name_nodes(proto)
     _fold_transposed_weights(proto)
     _merge_identical_initializers(proto)
-    carried, carried_fp32 = _carry_gguf_blocks(proto, gguf_blocks, ACCURACY_LEVELS[activations], head, vocab_size) \
+    levels = (ACCURACY_LEVELS[activations], HEAD_ACCURACY_LEVELS[activations])  # (other MatMuls, the LM head)
+    heads = _head_matmuls(proto, vocab_size)
+    carried, carried_fp32 = _carry_gguf_blocks(proto, gguf_blocks, levels, head, heads) \
         if gguf_blocks else ({}, [])
     chosen, kept = _choose_matmuls(proto, block_size, vocab_size, head, set(carried_fp32))
     gathers = _embedding_gathers(proto) if bits == 4 else []
@@ -123,14 +128,16 @@ def quantize_weights(proto, quantize: str, block_size: int = DEFAULT_BLOCK_SIZE,
                 proto = quantizer.model.model
         finally:
             quiet.setLevel(level)
-        # Every algorithm's MatMulNBits computes as --quant-activations says (HQQ leaves it unset).
-        for node in proto.graph.node:
-            if node.op_type == "MatMulNBits":
-                _set_attribute(node, "accuracy_level", ACCURACY_LEVELS[activations])
+    # Every MatMulNBits computes as --quant-activations says (HQQ leaves it unset); the LM
+    # heads as their own setting (ONNX Runtime's quantizer names its nodes NAME_Q4 / _Q8).
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            is_head = node.name in heads or node.name.rsplit("_Q", 1)[0] in heads
+            _set_attribute(node, "accuracy_level", levels[1] if is_head else levels[0])
     _drop_duplicate_initializers(proto)
     _drop_dead_nodes(proto)
     record = {"method": "MatMulNBits", "algorithm": method, "bits": bits, "block_size": block_size, "symmetric": False,
-              "activations": activations, "accuracy_level": ACCURACY_LEVELS[activations],
+              "activations": activations, "accuracy_level": levels[0], "head_accuracy_level": levels[1],
               "matmuls": len(chosen), "matmuls_kept_fp32": len(kept), "lm_head": head,
               "embedding": "GatherBlockQuantized" if gathers or any(
                   n.op_type == "GatherBlockQuantized" for n in proto.graph.node) else "fp32"}
@@ -139,8 +146,8 @@ def quantize_weights(proto, quantize: str, block_size: int = DEFAULT_BLOCK_SIZE,
     return proto, record
 
 
-def _carry_gguf_blocks(proto, blocks: dict[str, Any], accuracy_level: int, head: bool,
-                       vocab_size: Optional[int]) -> tuple[dict[str, Any], list[str]]:
+def _carry_gguf_blocks(proto, blocks: dict[str, Any], levels: tuple[int, int], head: bool,
+                       lm_heads: set[str]) -> tuple[dict[str, Any], list[str]]:
     """Replace every MatMul (and the embedding Gather) whose constant fp32 weight is a
     de-quantized GGUF tensor by MatMulNBits (GatherBlockQuantized) over that tensor's
     own blocks (exporter/gguf_blocks.py). Returns (what was carried per GGUF type, the
@@ -156,14 +163,15 @@ def _carry_gguf_blocks(proto, blocks: dict[str, Any], accuracy_level: int, head:
 
     the same numbers up to float rounding, at the fast kernel's speed; and an 8-bit
     tensor (Q8_0, Q6_K) feeding a MatMul is carried only with int8 activations
-    (accuracy_level 4), else that MatMul keeps the de-quantized fp32 weight (exact)."""
+    (accuracy_level 4), else that MatMul keeps the de-quantized fp32 weight (exact).
+    levels: the accuracy level of the other MatMuls and of the LM heads `lm_heads` (names;
+    head=False keeps them fp32)."""
     from onnx import helper, numpy_helper
 
     from .gguf_blocks import weight_key
 
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
-    heads = _head_matmuls(proto, vocab_size) if not head else set()
     keys: dict[str, Optional[str]] = {}  # initializer -> matching key (None: no match)
 
     def match(name: str) -> Optional[Any]:
@@ -188,14 +196,15 @@ def _carry_gguf_blocks(proto, blocks: dict[str, Any], accuracy_level: int, head:
     keep_fp32: list[str] = []
     replaced: dict[int, list] = {}
     for index, node in enumerate(graph.node):
-        if node.op_type == "MatMul" and node.name not in heads:
+        if node.op_type == "MatMul" and (head or node.name not in lm_heads):
             found = match(node.input[1])
             if found is None:
                 continue
+            w, x, (n, k) = node.input[1], node.input[0], found.codes.shape
+            accuracy_level = levels[1] if node.name in lm_heads else levels[0]
             if found.bits == 8 and accuracy_level == 1:
                 keep_fp32.append(node.name)  # the de-quantized weight, exactly; see the docstring
                 continue
-            w, x, (n, k) = node.input[1], node.input[0], found.codes.shape
             integer = found.integer_zero_points()
             # Fractional zero points: zero 0 here, the offsets in a second product below.
             zero = integer if integer is not None else found.integer_zero_points(np.zeros_like(found.zero_points))

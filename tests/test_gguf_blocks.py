@@ -188,3 +188,35 @@ def test_sibling_products_merge_with_their_offsets():
     got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+def test_int8_head_carries_the_8bit_head_and_keeps_the_rest_fp32():
+    """--quant-activations int8-head: the LM head (N = vocabulary) takes its Q8_0 blocks at
+    accuracy level 4, every other MatMul computes with fp32 activations (level 1)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from streamspec.exporter.gguf_blocks import carried_weights
+    from streamspec.exporter.quantize import quantize_weights
+    from builders import tied_graph
+
+    vocab, hidden = 96, 256
+    tensors = [("token_embd.weight", "Q8_0", random_tensor("Q8_0", vocab, hidden, 3), vocab, hidden),
+               ("blk.0.ffn_up.weight", "Q4_1", random_tensor("Q4_1", vocab, hidden, 4), vocab, hidden)]
+    proto, _, _ = tied_graph(vocab, hidden)
+    initializers = {t.name: t for t in proto.graph.initializer}
+    initializers["table"].CopyFrom(numpy_helper.from_array(gguf_dequantize("Q8_0", tensors[0][2], vocab, hidden),
+                                                           "table"))
+    up = gguf_dequantize("Q4_1", tensors[1][2], vocab, hidden)
+    initializers["mlp"].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(up.T), "mlp"))
+    carried, _ = carried_weights(tensors, num_heads=4, num_kv_heads=4)
+    quantized, record = quantize_weights(onnx.ModelProto.FromString(proto.SerializeToString()), "int4", 32,
+                                         vocab_size=vocab, gguf_blocks=carried, activations="int8-head")
+    assert (record["accuracy_level"], record["head_accuracy_level"]) == (1, 4)
+    levels = {}
+    for node in quantized.graph.node:
+        if node.op_type == "MatMulNBits":
+            attributes = {a.name: a.i for a in node.attribute}
+            levels.setdefault((attributes["bits"], attributes["accuracy_level"]), []).append(node.name)
+    assert len(levels.get((8, 4), [])) == 2  # the two heads: 8-bit blocks, int8 activations
+    assert not any(level == 4 for (bits, level) in levels if bits == 4)  # the rest: fp32 activations

@@ -406,5 +406,6 @@ def test_bench_kernels_reports_every_variant(tmp_path, capsys):
     assert {(r["kernel"], r["rows"]) for r in report["results"]} == {(k, rows) for k in kernels for rows in (1, 3)}
     assert all(r["median_us"] > 0 for r in report["results"])
     assert all(r["times_fp32"] == pytest.approx(1.0) for r in report["results"] if r["bits"] is None)
-    assert "float zero points" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "float zero points" in out and "[rows, 576]" in out
     assert bench_kernels.main(["--rows", "0", "--json", str(out)]) == 1

@@ -115,6 +115,7 @@ def run(shapes: dict[str, tuple[int, int]], rows: tuple[int, ...], threads: int,
 def render(report: dict[str, Any]):
     """One rich Table per shape: kernels down, rows across (µs and × fp32)."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     tables = []
@@ -122,8 +123,9 @@ def render(report: dict[str, Any]):
     for shape in dict.fromkeys(r["shape"] for r in report["results"]):
         entries = [r for r in report["results"] if r["shape"] == shape]
         first = entries[0]
-        table = Table(title=f"{shape}: one MatMul [rows, {first['K']}] x [{first['K']}, {first['N']}], median µs "
-                            f"(× the fp32 MatMul's), {report['settings']['threads']} threads",
+        title = (f"{shape}: one MatMul [rows, {first['K']}] x [{first['K']}, {first['N']}], median µs "
+                 f"(× the fp32 MatMul's), {report['settings']['threads']} threads")
+        table = Table(title=escape(title),
                       box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
         table.add_column("kernel", no_wrap=True)
         for count in rows:

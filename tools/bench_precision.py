@@ -55,7 +55,8 @@ MODES = ("ar", "spec")
 def precision_of(folder: Path) -> str:
     """"fp32", "fp16", "int8" or "int4" from a folder's streamspec.json, with "-ALGORITHM"
     for a weight-only algorithm other than the default (int4-hqq), "+a8" for int8
-    activations and "+kv8" / "+kv4" for a quantized KV cache."""
+    activations ("+a8head": in the LM head only) and "+kv8" / "+kv4" for a quantized KV
+    cache."""
     from streamspec.runtime.folder import read_folder
 
     graph = read_folder(folder).graph
@@ -63,8 +64,8 @@ def precision_of(folder: Path) -> str:
     weights = f"int{quantization['bits']}" if quantization else graph["dtype"]
     if quantization and quantization.get("algorithm", "default") != "default":
         weights += f"-{quantization['algorithm']}"
-    if quantization and quantization.get("activations") == "int8":
-        weights += "+a8"
+    if quantization and quantization.get("activations") in ("int8", "int8-head"):
+        weights += "+a8" if quantization["activations"] == "int8" else "+a8head"
     kv = graph.get("kv_dtype")
     return weights + (f"+kv{kv[3:]}" if kv else "")
 

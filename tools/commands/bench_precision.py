@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the exports go (default: <streamspec cache>/bench/precision/<source name>)")
     parser.add_argument("--force-export", action="store_true", help="export again even when a folder is there")
     parser.add_argument("--block-size", type=integer(1), default=32, help="quantization block size of the exports")
-    parser.add_argument("--quant-activations", choices=("fp32", "int8"), default="fp32",
+    parser.add_argument("--quant-activations", choices=("fp32", "int8", "int8-head"), default="fp32",
                         help="what the quantized exports' MatMuls compute with (see `streamspec export --help`)")
     parser.add_argument("--max-length", type=integer(16), default=1024, help="max length of the exports")
     parser.add_argument("--budget", type=integer(0, 4096), default=None,

@@ -37,10 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --quantize and a GGUF base: quantize the de-quantized weights again instead of "
                              "carrying the GGUF's own Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks (the default, which keeps "
                              "the GGUF's weights exactly)")
-    parser.add_argument("--quant-activations", choices=("fp32", "int8"), default="fp32",
+    parser.add_argument("--quant-activations", choices=("fp32", "int8", "int8-head"), default="fp32",
                         help="with --quantize: what the quantized MatMuls compute with: fp32 activations "
-                             "(speculative == autoregressive as with fp32 weights) or int8 per row and block "
-                             "(faster on CPU; the two modes may then part at near-ties, see docs/precision.md)")
+                             "(speculative == autoregressive as with fp32 weights), int8 per row and block "
+                             "(faster on CPU; the two modes may then part at near-ties and the text departs from "
+                             "fp32 sooner), or int8 in the LM head only (most of int8's speed-up on a GGUF base, "
+                             "little of its cost); measured in docs/precision.md")
     parser.add_argument("--kv-dtype", choices=("none", "int8", "int4"), default="none",
                         help="store the KV cache as int8 or int4 with per-channel scales calibrated on the model "
                              "(ONNX Runtime's GroupQueryAttention; portable backend only): 4x / 8x less cache "
