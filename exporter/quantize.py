@@ -22,7 +22,10 @@ row and per block of K, MLAS's fast CompInt8 path on CPU. Each row has its own s
 so a MatMul's rows are still independent bit for bit; but rounding to int8 turns the
 1e-7 float differences that other ops (attention over 1 or N rows) leave into a whole
 quantization step now and then, so speculative and autoregressive outputs may part at
-near-ties of the order of 1e-3 rather than 1e-4. It is offered for speed, not default.
+near-ties of the order of 1e-3 rather than 1e-4 (on SmolLM2 they parted on 10 of 10
+prompts, docs/precision.md). It is offered for speed, not default. "int8-head" gives
+int8 activations to the LM head only (the largest MatMul of a step, and a GGUF's 8-bit
+head is fast only so) and fp32 activations to every other MatMul.
 
 Dynamic int8 quantization (`quantize_dynamic`: DynamicQuantizeLinear + MatMulInteger)
 is not used: it picks ONE activation scale per tensor from the largest value over all
