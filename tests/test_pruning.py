@@ -77,8 +77,11 @@ def test_split_graphs_equal_the_step_graph(folders):
         np.testing.assert_allclose(a["main_probs"], b["main_probs"], atol=1e-5)
         assert a["draft_node"] == b["draft_node"]
         np.testing.assert_array_equal(a["stream_ids"][:, 0], b["stream_ids"][:, 0])
+        # The fusions may merge different sibling MatMuls in the whole step graph and in
+        # its two parts (a graph's boundaries decide which MatMuls read the same value),
+        # so sums can run in another order: rounding of ~1e-5 relative on caches up to ~5.
         np.testing.assert_allclose(whole.host_cache[:, :, :, :20 + size], split.host_cache[:, :, :, :20 + size],
-                                   atol=1e-5)
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_exit_scores_are_the_exit_head_probabilities(folders):
