@@ -68,11 +68,16 @@ def _rope_rule(max_positions: int):
     """onnxscript's RotaryEmbeddingFusion leaves RotaryEmbedding(x, cos, sin) with cos, sin
     [B, 1, R, D] computed from the positions; this rule turns the computation into
     position ids and constant tables: com.microsoft.RotaryEmbedding(x, positions,
-    cos_table, sin_table), x [B, H, R, D] float32, positions [B, R] int64."""
+    cos_table, sin_table), x [B, H, R, D] float32, positions [B, R] int64.
+
+    The graph's positions input is [R]; a model with stream rows unsqueezes it to
+    [1, R] first, a plain model's graph (after onnxslim) unsqueezes [R] straight to
+    [1, R, 1] with axes [0, 2]: both forms match, the second gets one shared Unsqueeze."""
     import onnx_ir as ir
     from onnxscript.rewriter import _ir_utils, pattern
 
     tables: dict[bytes, tuple] = {}  # inv_freq bytes -> (cos, sin) values, one pair for all layers
+    rows: dict[str, object] = {}  # a rank-1 positions value's name -> its [1, R] form
 
     def rope(op, x, positions, last, inv_freq, heads_axis):
         freqs = op.Mul(op.Cast(op.Unsqueeze(positions, last), to=ir.DataType.FLOAT), inv_freq)  # [B, R, D/2]
@@ -81,15 +86,27 @@ def _rope_rule(max_positions: int):
         return op.RotaryEmbedding(x, cos, sin, interleaved=0, _allow_other_attributes=True,
                                   _domain="ai.onnxruntime._fusion")
 
+    def axes_fit(positions, last) -> bool:
+        """Unsqueeze(positions, last) is positions [B, R] -> [B, R, 1], or [R] -> [1, R, 1]."""
+        axes = _ir_utils.get_numpy_value(last)
+        if axes is None or positions.shape is None:
+            return False
+        axes = axes.reshape(-1).tolist()
+        return (len(positions.shape) == 2 and axes in ([-1], [2])) or (len(positions.shape) == 1
+                                                                       and axes in ([0, 2], [0, -1]))
+
     def check(context, x, positions, last, inv_freq, heads_axis, **_):
         frequencies = _ir_utils.get_numpy_value(inv_freq)
         return (x.dtype == ir.DataType.FLOAT and frequencies is not None
                 and x.shape is not None and len(x.shape) == 4 and frequencies.size * 2 == x.shape[3]
-                and positions.dtype == ir.DataType.INT64 and positions.shape is not None and len(positions.shape) == 2
-                and _ir_utils.get_singleton_value(last) in (-1, 2)
+                and positions.dtype == ir.DataType.INT64 and axes_fit(positions, last)
                 and _ir_utils.get_singleton_value(heads_axis) == 1)
 
     def fused(op, x, positions, inv_freq, **_):
+        if len(positions.shape) == 1:  # [R] -> [1, R], once for every layer
+            if positions.name not in rows:
+                rows[positions.name] = op.Unsqueeze(positions, op.Constant(value_ints=[0]))
+            positions = rows[positions.name]
         frequencies = _ir_utils.get_numpy_value(inv_freq).reshape(-1)
         key = frequencies.astype(np.float32).tobytes()
         if key not in tables:

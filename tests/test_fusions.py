@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from builders import export_tiny, random_tree, run_step, sharpened_msa
+from builders import SHARPEN, export_tiny, random_tree, run_step, save_tiny_model, sharpened_msa
 from streamspec.runtime.folder import read_folder
 from streamspec.runtime.session import StepSession
 from streamspec.runtime.tree import chain_tree
@@ -71,3 +71,28 @@ def test_fused_step_computes_the_unfused_numbers(exports, quantize):
         np.testing.assert_allclose(fused["logits"], plain["logits"], rtol=0, atol=2e-4)
         np.testing.assert_allclose(fused["stream_probs"], plain["stream_probs"], rtol=0, atol=1e-5)
         assert (fused["draft_node"] == plain["draft_node"]).all()
+
+
+def test_fusions_fire_on_a_model_without_streams(tmp_path):
+    """A base model's graph (exported for autoregressive use) feeds its [R] positions to
+    RoPE through one Unsqueeze to [1, R, 1]; the rotation is fused there too, and a
+    prefill and a tree step compute the unfused graph's logits."""
+    from streamspec.models.model import build_model
+
+    hf = save_tiny_model("llama", tmp_path / "hf", seed=2, sharpen=SHARPEN)
+    model = build_model(hf).eval()
+    folders = {name: export_tiny(model, hf, tmp_path / name, full_logits=True, slim=slim)
+               for name, slim in (("fused", True), ("plain", False))}
+    found = ops(folders["fused"])
+    assert found["RotaryEmbedding"] == 2 * model.config.num_layers
+    assert not {"Cos", "Sin", "Neg"} & set(found)
+    logits = []
+    for folder in folders.values():
+        session = StepSession(read_folder(folder), "cpu")
+        vocab = read_folder(folder).vocab_size
+        prompt = chain_tree(np.random.default_rng(0).integers(0, vocab, 11).tolist())
+        first = run_step(session, prompt, 0)["logits"]
+        tree = random_tree(np.random.default_rng(1), 9, vocab)
+        logits.append((first, run_step(session, tree, prompt.size)["logits"]))
+    for fused, plain in zip(*logits):
+        np.testing.assert_allclose(fused, plain, rtol=0, atol=2e-4)
