@@ -106,7 +106,7 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
                  progress: bool = True, quantize: str = "none", block_size: int = quantization.DEFAULT_BLOCK_SIZE,
                  quantize_head: bool = True, quant_activations: str = quantization.DEFAULT_ACTIVATIONS,
                  kv_dtype: str = "none", pruning: bool = False, full_draft_vocab: bool = False,
-                 gguf_blocks: bool = True, quant_method: str = "default") -> Path:
+                 gguf_blocks: bool = True, quant_method: str = "default", autoregressive: bool = False) -> Path:
     """Trace `model` into a deployable folder at `out_dir` and return its path.
 
     dtype: "fp32" or "fp16" weights, activations and KV cache. quantize: "none", "int8"
@@ -127,6 +127,9 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
     gguf_blocks: with quantize, when the base model is a GGUF file, carry its own blocks
     into the quantized ops (exporter/gguf_blocks.py) instead of re-quantizing them.
     quant_method: the weight-only algorithm for what is quantized (quantize.METHODS).
+    autoregressive: a graph for one-token-at-a-time decoding only: the main stream as a
+    plain decoder, GroupQueryAttention's causal rule instead of tree visibility, no tree
+    inputs (fewer nodes per step; the runtime then refuses draft budgets and lookup).
     """
     out_dir = Path(out_dir).expanduser().resolve()
     tokenizer_dir = Path(tokenizer_dir)
@@ -135,21 +138,27 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
     kv = kv_cache.check_kv_dtype(kv_dtype, backend)
     if pruning and not model.num_streams:
         raise StreamspecError("--pruning needs a model with streams (a checkpoint written by `streamspec train`).")
+    if autoregressive and (backend != "portable" or pruning):
+        raise StreamspecError("--autoregressive uses the portable attention backend and no trees, so it cannot be "
+                              "combined with --attention custom or --pruning.")
     if pruning and kv:
         raise StreamspecError("--pruning and --kv-dtype cannot be combined yet; export without one of them.")
     say = _reporter(progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with work_folder(out_dir, say) as tmp:
+        if autoregressive:
+            model, budget = model.main_stream_only(), 0
         if dtype != "fp32":
             model = copy.deepcopy(model).to(DTYPES[dtype])
         if full_draft_vocab and model.draft_vocab is not None:
             model = copy.copy(model)  # the same modules, without the drafting vocabulary
             model.draft_vocab = None
         blocks = _gguf_blocks(model, base_dir, say) if quantize != "none" and gguf_blocks and dtype == "fp32" else None
-        say(f"Tracing the step graph ({backend} attention, {dtype})")
+        say(f"Tracing the step graph ({'autoregressive' if autoregressive else backend} attention, {dtype})")
         quantizing = dict(quantize=quantize, block_size=block_size, quantize_head=quantize_head,
                           quant_activations=quant_activations, gguf_blocks=blocks, method=quant_method)
-        graph = _write_graph(model, "step", tmp, candidates, full_logits, backend, slim, say, max_length, **quantizing)
+        graph = _write_graph(model, "step", tmp, candidates, full_logits, backend, slim, say, max_length,
+                             autoregressive=autoregressive, **quantizing)
         parts = {}
         for part in ("lower", "upper") if pruning else ():
             say(f"Tracing the {part} part of the step for tree pruning")
@@ -157,6 +166,7 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
                                        **quantizing)
         config = deploy_config(model, dtype, max_length, candidates, full_logits, backend, budget, graph,
                                source or {"kind": "model", "name": type(model).__name__})
+        config["attention"]["trees"] = not autoregressive
         if parts:
             config["graph"]["parts"] = parts
         config["graph"]["kv_dtype"] = None  # the cache has the graph's dtype unless --kv-dtype says otherwise
@@ -177,10 +187,10 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
 def _write_graph(model: Transformer, part: str, folder: Path, candidates: int, full_logits: bool, backend: str,
                  slim: bool, say, max_length: int, quantize: str, block_size: int, quantize_head: bool,
                  quant_activations: str, gguf_blocks: Optional[dict[str, Any]] = None,
-                 method: str = "default") -> dict[str, Any]:
+                 method: str = "default", autoregressive: bool = False) -> dict[str, Any]:
     """Trace, simplify, quantize and save the step graph or one of its parts; returns its
     entry of streamspec.json's `graph` (file, external data, names, quantization)."""
-    proto = trace(model, candidates, full_logits, backend, part)
+    proto = trace(model, candidates, full_logits, backend, part, autoregressive)
     fused: dict[str, int] = {}
     if slim:
         say("Simplifying the graph (onnxslim, fusions)")
@@ -216,11 +226,14 @@ def _gguf_blocks(model: Transformer, base_dir: Optional[Path], say) -> Optional[
     return blocks
 
 
-def trace(model: Transformer, candidates: int, full_logits: bool, backend: str, part: str = "step"):
+def trace(model: Transformer, candidates: int, full_logits: bool, backend: str, part: str = "step",
+          autoregressive: bool = False):
     """The step graph, or its "lower" / "upper" part (step.py), as an ONNX ModelProto
-    (torch.onnx dynamo export)."""
+    (torch.onnx dynamo export). autoregressive: attention by GroupQueryAttention's causal
+    rule alone (portable.chain_attention), so the tree inputs drop out."""
     attention = BACKENDS[backend]
     attention.register_schema()
+    translate = portable.chain_attention if autoregressive else attention.tree_attention
     graph = step.PARTS[part](model.eval(), candidates, full_logits).eval()
     # e.g. "torchvision is not installed", "Attribute type is ambiguous" (onnx_ir, for
     # empty attribute lists the translation writes): not the user's business.
@@ -235,7 +248,7 @@ def trace(model: Transformer, candidates: int, full_logits: bool, backend: str, 
                 graph, step.example_inputs(model, TRACE_CACHE_LENGTH, part), dynamo=True,
                 dynamic_shapes=step.dynamic_shapes(model, part), input_names=step.input_names(model, part),
                 output_names=step.output_names(model, full_logits, part),
-                custom_translation_table={torch.ops.streamspec.tree_attention.default: attention.tree_attention,
+                custom_translation_table={torch.ops.streamspec.tree_attention.default: translate,
                                           torch.ops.streamspec.sample_tokens.default: sampler.sample_tokens})
     finally:
         for logger, level in zip(quiet, levels):

@@ -129,3 +129,18 @@ def tree_attention(query, key, value, key_cache, value_cache, past_length, tree_
         num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale)
     output = op.Slice(output, m, op.Constant(value_ints=[2 ** 62]), op.Constant(value_ints=[1]))
     return output, key_out, value_out
+
+
+def chain_attention(query, key, value, key_cache, value_cache, past_length, tree_mask, tree_parent,
+                    stream_nodes, compact_src, num_heads: int, kv_num_heads: int, scale: float,
+                    num_streams: int):
+    """The translation for an autoregressive-only graph (`export --autoregressive`):
+    the new rows are one chain (a prompt, or one token), so GroupQueryAttention's own
+    causal rule is the visibility, and nothing is ever compacted. No bias, no gathers,
+    no dummy rows: the tree inputs drop out of the graph. query [1, R, H*D]."""
+    r = op.Shape(query, start=1, end=2)
+    total = op.Add(past_length, r)
+    seqlens_k = op.Cast(op.Sub(total, op.Constant(value_ints=[1])), to=onnx.TensorProto.INT32)
+    total_length = op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=onnx.TensorProto.INT32)
+    return MSFT.GroupQueryAttention(query, key, value, key_cache, value_cache, seqlens_k, total_length,
+                                    num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale)

@@ -16,6 +16,7 @@ stream rows only, so the main rows compute exactly the base model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -237,6 +238,22 @@ class Transformer(nn.Module):
         computed before; fewer stream rows make a tree step cheaper on compute-bound devices."""
         self.stream_embed = nn.Parameter(self.stream_embed.data[:count].clone(), requires_grad=False)
         self.streams = dataclasses.replace(self.streams, num_streams=count)
+
+    def main_stream_only(self) -> "Transformer":
+        """A copy that computes the main stream alone, as a plain decoder (what an
+        autoregressive-only export traces). In lossless mode the adapters act on stream
+        rows only, so the main stream is the base model and they are dropped; in the
+        other modes they act on every row and stay, applied in every adapted layer."""
+        model = copy.deepcopy(self)
+        if model.streams is not None and model.streams.mode == "lossless":
+            for module in model.modules():
+                if isinstance(module, Linear):
+                    module.lora_A = module.lora_B = None
+        for name in ("stream_embed", "exit_A", "exit_B"):
+            if hasattr(model, name):
+                delattr(model, name)
+        model.streams, model.draft_vocab = None, None
+        return model
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """What Speculative Streaming adds: stream embeddings, LoRA and exit adapters."""

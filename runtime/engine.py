@@ -97,7 +97,7 @@ class Engine:
                  lookup: Optional[int] = None, memory_budget: Union[int, str, None] = None,
                  prune: Optional[float] = None):
         self.config = read_folder(folder)
-        self.tree_settings = self.config.tree.replace(budget=budget, lookup=lookup, prune=prune)
+        self.tree_settings = self._checked(self.config.tree.replace(budget=budget, lookup=lookup, prune=prune))
         self.memory: Optional[MemoryEstimate] = None
         if memory_budget is not None:  # size the cache to the budget, or refuse in one sentence
             self.memory = fit_to_memory(self.config, parse_size(memory_budget), max_length, self.budget,
@@ -153,7 +153,15 @@ class Engine:
         if settings.prune > 0 and not self.session.split:
             raise StreamspecError("This engine was created without tree pruning, so it cannot prune; "
                                   "create it with prune > 0.")
-        self.tree_settings = settings
+        self.tree_settings = self._checked(settings)
+        return settings
+
+    def _checked(self, settings: TreeSettings) -> TreeSettings:
+        """Refuse trees on a folder whose graph takes none (exported with --autoregressive)."""
+        if not self.config.can_tree and (settings.budget or settings.lookup):
+            raise StreamspecError(f"{self.config.folder} was exported with --autoregressive (one token per step), "
+                                  "so it takes no draft budget or prompt lookup; use budget 0 and lookup 0, or "
+                                  "export the checkpoint without --autoregressive.")
         return settings
 
     @property

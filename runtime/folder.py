@@ -14,7 +14,9 @@ streamspec.json, format_version 1:
                       num_kv_heads, head_dim, intermediate_size (newer folders),
                       max_position_embeddings
     streams           null (plain base model) or {num_streams, num_msa_layers, mode}
-    attention         {backend: "portable" | "custom", op, stream_nodes: "any" | "all"}
+    attention         {backend: "portable" | "custom", op, stream_nodes: "any" | "all",
+                       trees: false for an autoregressive-only graph (`export --autoregressive`:
+                       no tree inputs, one chain of new rows per step; absent: true)}
     graph             {file, external_data, dtype: "fp32" | "fp16", candidates (K),
                        full_logits, max_length, inputs, outputs, cache_inputs, cache_outputs,
                        parts: absent, or (--pruning) {lower, upper}: the step cut at the
@@ -152,6 +154,12 @@ class DeployConfig:
         return self.tree.lookup
 
     @property
+    def can_tree(self) -> bool:
+        """The graph takes trees (draft budgets, prompt lookup); False: exported with
+        --autoregressive, one token per step."""
+        return self.raw["attention"].get("trees", True)
+
+    @property
     def can_prune(self) -> bool:
         """Exported with --pruning: the step also comes cut in two (`graph.parts`)."""
         return bool(self.graph.get("parts"))
@@ -237,6 +245,7 @@ SCHEMA: dict[str, Rule] = {
     "attention": OBJECT,
     "attention.backend": choice("portable", "custom"),
     "attention.stream_nodes?": choice("any", "all"),
+    "attention.trees?": choice(True, False),
     "graph": OBJECT,
     "graph.file": FILE,
     "graph.external_data?": optional(FILE),

@@ -104,6 +104,41 @@ def test_plain_base_model_generates_like_transformers(tiny_model_dir, shared_exp
     assert result.stats.steps == 29 and not result.stats.speculative
 
 
+@pytest.mark.parametrize("mode", ["lossless", "shared"])
+def test_autoregressive_export_keeps_the_tokens(tiny_model_dir, tmp_path, mode):
+    """`export --autoregressive`: the main stream alone, GroupQueryAttention's causal rule,
+    no tree inputs, far fewer nodes; greedy tokens equal the full folder's autoregressive
+    ones (and transformers' for the lossless model, whose main stream is the base), and
+    draft budgets or lookup are refused in one sentence."""
+    import onnx
+
+    from builders import msa_model
+
+    hf = tiny_model_dir("llama")
+    model = msa_model(hf, num_streams=3, mode=mode)
+    full, lean = (export_tiny(model, hf, tmp_path / name, autoregressive=name == "lean") for name in ("full", "lean"))
+    assert model.num_streams == 3  # the caller's model keeps its streams
+    nodes = {f: len(onnx.load(str(f / "model.onnx"), load_external_data=False).graph.node) for f in (full, lean)}
+    assert nodes[lean] < nodes[full] * (0.5 if mode == "lossless" else 0.75)  # shared: adapters stay
+    engine = Engine(lean, provider="cpu")
+    inputs = engine.config.graph["inputs"]
+    assert not {"tree_mask", "compact_src", "stream_nodes"} & set(inputs)
+    assert not engine.can_speculate and not engine.config.can_tree and engine.budget == 0
+    reference_engine = Engine(full, provider="cpu", budget=0)
+    for prompt in PROMPTS:
+        expected = reference_engine.generate(prompt, max_new_tokens=30, speculative=False, ignore_eos=True)
+        result = engine.generate(prompt, max_new_tokens=30, ignore_eos=True)
+        assert result.token_ids == expected.token_ids
+        if mode == "lossless":
+            reference, logits = hf_greedy(hf, prompt, 30)
+            assert_tokens_match(result.token_ids, reference, logits)
+    for settings in ({"budget": 4}, {"lookup": 3}):
+        with pytest.raises(StreamspecError, match="exported with --autoregressive"):
+            engine.configure(**settings)
+        with pytest.raises(StreamspecError, match="exported with --autoregressive"):
+            Engine(lean, provider="cpu", **settings)
+
+
 def test_oracle_drafts_are_accepted_and_compacted(engines, monkeypatch):
     """Trees that hold the true continuation off the first branch: long accepted paths
     with path[i] != i, so compaction moves rows every step; the output must not change."""

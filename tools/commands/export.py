@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the step cut at the stream-insertion layer (lower.onnx, upper.onnx), so that "
                              "the runtime can prune draft trees between them (`--prune`, `streamspec tune`); "
                              "about doubles the folder's size on disk")
+    parser.add_argument("--autoregressive", action="store_true",
+                        help="a graph for one-token-at-a-time decoding only: the main stream as a plain decoder, no "
+                             "tree inputs, no stream rows (fewer nodes per step: for a device where `streamspec tune` "
+                             "picks autoregressive decoding, e.g. int4 on a CPU); the output is the same tokens")
     parser.add_argument("--full-draft-vocab", action="store_true",
                         help="stream rows and the early-exit head score the whole vocabulary even when the "
                              "checkpoint has a reduced drafting vocabulary (models/vocab.py)")
@@ -89,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
                  slim=not args.no_slim, force=args.force, quantize=args.quantize, block_size=args.block_size,
                  quantize_head=not args.no_quantize_head, quant_activations=args.quant_activations,
                  gguf_blocks=not args.requantize_gguf, quant_method=args.quant_method,
-                 kv_dtype=args.kv_dtype, pruning=args.pruning, full_draft_vocab=args.full_draft_vocab)
+                 kv_dtype=args.kv_dtype, pruning=args.pruning, full_draft_vocab=args.full_draft_vocab,
+                 autoregressive=args.autoregressive)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 2 ** 20
     console = Console(stderr=True)
     console.print(f"Exported {args.source} to {out} ({size:.0f} MiB) in {time.perf_counter() - start:.0f} s.")
