@@ -46,7 +46,7 @@ def test_custom_folder_names_the_op(backends):
     import json
 
     config = json.loads((backends["custom"] / "streamspec.json").read_text())
-    assert config["attention"] == {"backend": "custom", "op": "streamspec.TreeAttention", "stream_nodes": "all"}
+    assert config["attention"] == {"backend": "custom", "op": "streamspec.TreeAttention", "stream_nodes": "all", "trees": True}
 
 
 @pytest.mark.parametrize("compaction", ["host", "graph"])
