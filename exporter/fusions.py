@@ -24,7 +24,8 @@ matched weight by weight) turns MatMuls that read the same input (q, k, v; gate,
 the stream adapters' down-projections) into one MatMul over the concatenated weights
 and a Split: one kernel with a wider N instead of two or three. `add_before_split`
 then adds two such merged products before splitting them (a GGUF's offsets product,
-quantize.py), rather than part by part.
+quantize.py), rather than part by part. `fold_norm_scales` gives a norm the weight that
+a GGUF's blocks kept out of the next MatMul, instead of a Mul of its own.
 """
 
 from __future__ import annotations
@@ -227,10 +228,7 @@ def merge_sibling_matmuls(proto) -> int:
         order.extend(merged.get(index, [node]))
     graph.ClearField("node")
     graph.node.extend(order)
-    used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
+    _drop_unused_initializers(graph)
     return removed
 
 
@@ -287,6 +285,63 @@ def add_before_split(proto) -> int:
     graph.ClearField("node")
     graph.node.extend(order)
     return len(nodes) - len(order)
+
+
+def fold_norm_scales(proto) -> int:
+    """(Skip)SimplifiedLayerNormalization with a unit scale whose normalised output only
+    feeds Mul(·, w) by a constant w of the scale's shape -> the norm with scale w. The
+    RMS rule above uses a unit scale because the optimiser folds w into the next MatMul;
+    where that MatMul carries a GGUF's own blocks (quantize.py) it cannot, and w stays a
+    Mul of its own, twice per layer. The kernel multiplies by its scale last, so the
+    numbers are the same. Returns the nodes removed."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    constants = {t.name: t for t in graph.initializer}  # and the Constant nodes' values
+    constants.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute
+                      if a.name == "value"})
+    scale_slot = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {v.name for v in graph.output}
+    gone = set()
+    for node in graph.node:
+        slot = scale_slot.get(node.op_type)
+        if slot is None or len(node.input) <= slot or node.input[slot] not in constants:
+            continue
+        scale = numpy_helper.to_array(constants[node.input[slot]])
+        users = consumers.get(node.output[0], [])
+        if not np.all(scale == 1) or len(users) != 1 or users[0].op_type != "Mul" or node.output[0] in outputs:
+            continue
+        mul = users[0]
+        weight_name = mul.input[1] if mul.input[0] == node.output[0] else mul.input[0]
+        weight = constants.get(weight_name)
+        if weight is None or tuple(weight.dims) != scale.shape or weight.data_type != constants[node.input[slot]].data_type:
+            continue
+        node.input[slot] = weight_name
+        node.output[0] = mul.output[0]
+        gone.add(id(mul))
+    if gone:
+        kept = [n for n in graph.node if id(n) not in gone]
+        graph.ClearField("node")
+        graph.node.extend(kept)
+        _drop_unused_initializers(graph)
+    return len(gone)
+
+
+def _drop_unused_initializers(graph) -> None:
+    """...and Constant nodes whose value nothing reads any more."""
+    used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    used |= {name for node in graph.node for a in node.attribute if a.g for n in a.g.node for name in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    nodes = [n for n in graph.node if n.op_type != "Constant" or n.output[0] in used]
+    if len(nodes) != len(graph.node):
+        graph.ClearField("node")
+        graph.node.extend(nodes)
 
 
 def _attribute(node, name: str):

@@ -75,9 +75,10 @@ class Blocks:
             codes = np.concatenate([codes, np.zeros((codes.shape[0], 1), np.uint8)], axis=1)
         return np.ascontiguousarray(codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(-1)
 
-    def offsets(self) -> np.ndarray:
-        """[N, k_blocks] float32: each block's offset m in w = d·q + m (= −zero point · scale)."""
-        return (-self.zero_points * self.scales).astype(np.float32)
+    def offsets(self, zero_point: float = 0.0) -> np.ndarray:
+        """[N, k_blocks] float32: each block's offset o in w = (q − zero_point)·d + o, i.e.
+        (zero_point − its own zero point)·d; with zero_point 0, the m of w = d·q + m."""
+        return ((zero_point - self.zero_points) * self.scales).astype(np.float32)
 
     def packed(self) -> np.ndarray:
         """MatMulNBits' B: [N, k_blocks, block_size * bits / 8] uint8, codes low bits first."""

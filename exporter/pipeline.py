@@ -201,10 +201,11 @@ def _write_graph(model: Transformer, part: str, folder: Path, candidates: int, f
         proto, record = quantization.quantize_weights(proto, quantize, block_size, model.config.vocab_size,
                                                       quantize_head, quant_activations, gguf_blocks, method)
     if slim:  # after quantization, which matches a GGUF's blocks weight by weight
-        from .fusions import add_before_split, merge_sibling_matmuls
+        from .fusions import add_before_split, fold_norm_scales, merge_sibling_matmuls
 
         fused["merged_matmuls"] = merge_sibling_matmuls(proto)
         fused["add_before_split"] = add_before_split(proto)
+        fused["norm_scales"] = fold_norm_scales(proto)
     name = MODEL_FILE if part == "step" else f"{part}.onnx"
     external = _save(proto, folder, name)
     first, last = step.part_layers(model, part)

@@ -159,10 +159,11 @@ def _carry_gguf_blocks(proto, blocks: dict[str, Any], levels: tuple[int, int], h
     Two of ONNX Runtime's CPU kernels are far slower than fp32 (measured, docs/precision.md):
     MatMulNBits with float zero points (~30x) and 8-bit weights with fp32 activations
     (~100x). So a block w = q·d + m with a fractional zero point (Q4_1, Q4_K) goes in with
-    integer zero point 0 and its offsets m as a second, small product:
+    the kernel's default zero point z = 2**(bits-1) and its offsets from it as a second,
+    small product:
 
-        x · Wᵀ = MatMulNBits(x, q, d, zero 0) + (x · S) · Mᵀ
-        S [K, K/block] sums each block of x, M [N, K/block] holds the offsets m
+        x · Wᵀ = MatMulNBits(x, q, d) + (x · S) · Mᵀ
+        S [K, K/block] sums each block of x, M [N, K/block] holds the offsets m + z·d
 
     the same numbers up to float rounding, at the fast kernel's speed; and an 8-bit
     tensor (Q8_0, Q6_K) feeding a MatMul is carried only with int8 activations
@@ -209,15 +210,19 @@ def _carry_gguf_blocks(proto, blocks: dict[str, Any], levels: tuple[int, int], h
                 keep_fp32.append(node.name)  # the de-quantized weight, exactly; see the docstring
                 continue
             integer = found.integer_zero_points()
-            # Fractional zero points: zero 0 here, the offsets in a second product below.
-            zero = integer if integer is not None else found.integer_zero_points(np.zeros_like(found.zero_points))
+            # Without a zero-point input MatMulNBits uses 2**(bits-1), and its int8-activation
+            # kernel runs ~25% faster (docs/precision.md). So that input is left out where
+            # every block has that zero point (Q4_0, Q8_0) and for fractional zero points
+            # (Q4_1, Q4_K), whose offsets from it go into a second product below.
+            default_zero = 1 << (found.bits - 1)
+            inputs = [x, add(f"{w}.gguf_q", found.packed()), add(f"{w}.gguf_scales", found.scales)]
+            if integer is not None and not np.all(found.zero_points == default_zero):
+                inputs.append(add(f"{w}.gguf_zero_points{found.bits}", integer))
             blocks_out = node.output[0] if integer is not None else f"{node.output[0]}.blocks"
             new = []
             new.append(helper.make_node(
-                "MatMulNBits", [x, add(f"{w}.gguf_q", found.packed()), add(f"{w}.gguf_scales", found.scales),
-                                add(f"{w}.gguf_zero_points{found.bits}", zero)],
-                [blocks_out], name=node.name, domain="com.microsoft", K=k, N=n, bits=found.bits,
-                block_size=found.block_size, accuracy_level=accuracy_level))
+                "MatMulNBits", inputs, [blocks_out], name=node.name, domain="com.microsoft", K=k, N=n,
+                bits=found.bits, block_size=found.block_size, accuracy_level=accuracy_level))
             if blocks_out != node.output[0]:
                 key = (x, k, found.block_size)
                 if key not in block_sums:
@@ -227,7 +232,7 @@ def _carry_gguf_blocks(proto, blocks: dict[str, Any], levels: tuple[int, int], h
                     new.insert(0, helper.make_node("MatMul", [x, add(f"block_sums.{k}.{found.block_size}", sums)],
                                                    [block_sums[key]], name=f"{node.name}.block_sums"))
                     keep_fp32.append(f"{node.name}.block_sums")
-                offsets = np.ascontiguousarray(found.offsets().T)  # Mᵀ [K/block, N]
+                offsets = np.ascontiguousarray(found.offsets(default_zero).T)  # Mᵀ [K/block, N]
                 new.append(helper.make_node("MatMul", [block_sums[key], add(f"{w}.gguf_offsets", offsets)],
                                             [f"{node.output[0]}.offsets"], name=f"{node.name}.offsets"))
                 new.append(helper.make_node("Add", [blocks_out, f"{node.output[0]}.offsets"], list(node.output),

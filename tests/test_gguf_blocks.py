@@ -58,8 +58,10 @@ def test_matmul_over_carried_blocks(kind, activations):
     """A MatMul whose weight is a de-quantized GGUF tensor, carried by `quantize_weights`,
     equals x @ W^T: within float rounding with fp32 activations, within int8 activation
     rounding with int8. It never uses the CPU kernels that are far slower than fp32:
-    no float zero points (fractional ones go in as zero 0 plus an offsets product), and
-    8-bit blocks only with int8 activations (else the fp32 weight stays)."""
+    no float zero points (fractional ones go in as the default zero point plus an offsets
+    product), no zero-point input where every block has the default (the int8-activation
+    kernel is faster without), and 8-bit blocks only with int8 activations (else the fp32
+    weight stays)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -87,8 +89,11 @@ def test_matmul_over_carried_blocks(kind, activations):
         assert ops.count("MatMulNBits") == 1 and record["gguf_blocks"] == {kind: 1}
         initializers = {t.name: t for t in quantized.graph.initializer}
         nbits = next(n for n in quantized.graph.node if n.op_type == "MatMulNBits")
-        assert initializers[nbits.input[3]].data_type == TensorProto.UINT8
         fractional = kind in ("Q4_1", "Q4_K")
+        default_zero = kind in ("Q4_0", "Q8_0") or fractional  # Q6_K's zero point 32 is no default
+        assert (len(nbits.input) == 3) == default_zero
+        if not default_zero:
+            assert initializers[nbits.input[3]].data_type == TensorProto.UINT8
         assert ("Add" in ops) == fractional and ops.count("MatMul") == 2 * fractional
     session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(2).standard_normal((5, columns)).astype(np.float32)
@@ -188,6 +193,47 @@ def test_sibling_products_merge_with_their_offsets():
     got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+def test_norm_weights_fold_into_the_norms():
+    """The norm weight that a carried MatMul could not absorb: Mul(SkipSimplifiedLayer-
+    Normalization(scale 1), w) -> the norm with scale w, bit for bit; a Mul whose
+    other operand is no constant of the scale's shape, or a norm output read twice,
+    stays."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from streamspec.exporter.fusions import fold_norm_scales
+
+    hidden = 48
+    rng = np.random.default_rng(5)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, hidden]) for n in ("x", "skip")]
+    nodes = [
+        helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "ones"], ["normed", "", "", "sum"],
+                         domain="com.microsoft", epsilon=1e-5),
+        helper.make_node("Mul", ["w", "normed"], ["y"]),
+        helper.make_node("SimplifiedLayerNormalization", ["sum", "ones2"], ["normed2"], axis=-1, epsilon=1e-5),
+        helper.make_node("Mul", ["normed2", "w2"], ["y2"]),
+        helper.make_node("Mul", ["normed2", "x"], ["z"]),  # normed2 read twice: not folded
+    ]
+    constants = {"ones": np.ones(hidden, np.float32), "ones2": np.ones(hidden, np.float32),
+                 "w": rng.standard_normal(hidden).astype(np.float32),
+                 "w2": rng.standard_normal(hidden).astype(np.float32)}
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, hidden])
+                                                   for n in ("y", "sum", "y2", "z")],
+                              [numpy_helper.from_array(v, k) for k, v in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    feeds = {"x": rng.standard_normal((2, hidden)).astype(np.float32),
+             "skip": rng.standard_normal((2, hidden)).astype(np.float32)}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    folded = onnx.ModelProto.FromString(model.SerializeToString())
+    assert fold_norm_scales(folded) == 1
+    assert [n.op_type for n in folded.graph.node].count("Mul") == 2
+    assert "ones" not in {t.name for t in folded.graph.initializer}
+    got = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
 
 
 def test_int8_head_carries_the_8bit_head_and_keeps_the_rest_fp32():
