@@ -18,13 +18,27 @@ from typing import Any, Callable, Union
 PathLike = Union[str, os.PathLike]
 
 
+def _file_mode(path: Path) -> int:
+    """The mode the file would have had if written directly: the old file's, else
+    0666 less the umask (mkstemp makes its file 0600, readable by its owner only,
+    which a folder copied to a device or served to another user must not inherit)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_atomic(path: PathLike, write: Callable[[Path], None]) -> None:
     """Call write(temporary path), then rename the result onto `path`."""
     path = Path(path)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as handle:  # the data reaches the disk before the rename does
             os.fsync(handle.fileno())
         os.replace(tmp, path)

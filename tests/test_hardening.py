@@ -158,6 +158,26 @@ def test_a_writer_killed_mid_way_leaves_the_old_file(tmp_path):
     assert target.read_text() == '{"old": true}\n'
 
 
+def test_a_written_file_has_the_usual_mode(tmp_path):
+    """Atomic writes go through a 0600 temporary file; the result must still be readable
+    as a file written directly would be (0666 less the umask), and an existing file
+    keeps its mode."""
+    import os
+
+    from streamspec.files import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "new.json", "{}")
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "kept.json").write_text("{}")
+        os.chmod(tmp_path / "kept.json", 0o640)
+        write_text(tmp_path / "kept.json", "[]")
+        assert (tmp_path / "kept.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
 def test_a_file_size_limit_leaves_the_old_file(engine, tmp_path):
     """RLIMIT_FSIZE (SIGXFSZ ignored: the write fails with EFBIG): the profile report
     keeps its old content and the command's sentence names the cause."""
