@@ -33,13 +33,13 @@ fi
 
 # 2. Prompts the base model writes itself over nine kinds of request (issue 14: everyday
 #    questions, explanations, how-to, rewrites, stories, lists, code, shell/SQL, JSON),
-#    200 per domain asked for (1,777 kept: the run was stopped when the json and rewrite
-#    domains, which drop most candidates, had 171 and 182), then the model's own greedy
-#    answers (continuous batching). The committed prompts are used as they are unless
+#    300 per domain (2,700: 1,777 in a first run that was stopped part-way, 923 more when
+#    it was resumed with --self-prompts 2700), then the model's own greedy answers
+#    (continuous batching). The committed prompts are used as they are unless
 #    SELF_PROMPTS=1 (sampling on another machine gives other prompts).
 #    DISTILL_SELF=1 answers the committed prompts again instead of unpacking the answers.
 if [ "${SELF_PROMPTS:-0}" = 1 ]; then
-  streamspec distill --out "$WORK/distill-self.jsonl" --self-prompts 1800 \
+  streamspec distill --out "$WORK/distill-self.jsonl" --self-prompts 2700 \
     --domains qa,explain,howto,rewrite,story,lists,code,shell_sql,json --batch-size 48 --max-new-tokens 128
   cp "$WORK/distill-self.prompts/self.jsonl" "$WORK/self-prompts.jsonl"
 elif [ "${DISTILL_SELF:-0}" = 1 ]; then
@@ -49,9 +49,19 @@ elif [ "${DISTILL_SELF:-0}" = 1 ]; then
 elif [ ! -f "$WORK/distill-self.jsonl" ]; then
   gunzip -c "$DATA/distill-self.jsonl.gz" > "$WORK/distill-self.jsonl"
 fi
+[ -f "$WORK/self-prompts.jsonl" ] || gunzip -c "$DATA/self-prompts.jsonl.gz" > "$WORK/self-prompts.jsonl"
 
-# 3. One training file: every domain, with its held-out split.
+# 3. One training file: every domain, with its held-out split; and the first round's
+#    (the 1,777 self-written answers of the stopped run, data/round1-ids.txt).
 cat "$WORK/distill-stdlib.jsonl" "$WORK/distill-self.jsonl" > "$WORK/distill.jsonl"
+python - "$WORK" "$DATA/round1-ids.txt" <<'PY'
+import json, sys
+from pathlib import Path
+work, ids = Path(sys.argv[1]), set(Path(sys.argv[2]).read_text().split())
+rows = [line for line in open(work / "distill-self.jsonl", encoding="utf-8") if json.loads(line)["id"] in ids]
+text = (work / "distill-stdlib.jsonl").read_text(encoding="utf-8") + "".join(rows)
+(work / "distill-round1.jsonl").write_text(text, encoding="utf-8")
+PY
 
 # 4. Train the streams in lossless mode (the output stays exactly the base model's).
 #    a. The standard-library streams of issue 4 (γ = 3 on the top N_s = 10 layers, rank 32),
@@ -63,28 +73,36 @@ if [ ! -f "$INIT/streamspec.json" ]; then
     --streams 3 --msa-layers 10 --lora-rank 32 --steps 1400 --stop-at 1050 --batch 4 --lr 2e-3 --warmup 30 \
     --eval-every 150 --eval-records 48 --budgets 1,2,4,8,16
 fi
-#    b. Those streams adapted to every domain, over the 8,192-token drafting vocabulary of
-#       the new answers (what was tried: README.md).
-streamspec train --data "$WORK/distill.jsonl" --out "$WORK/ckpt" --init "$INIT" \
+#    b. Those streams adapted to every domain over the 8,192-token drafting vocabulary of
+#       the new answers, in two rounds: 1,000 steps on the first 1,777 self-written
+#       answers (what models/default held from commit 8faef95), then 1,200 more on all
+#       2,700 (the committed streams; what was tried: README.md).
+if [ ! -f "$WORK/ckpt-round1/streamspec.json" ]; then
+  streamspec train --data "$WORK/distill-round1.jsonl" --out "$WORK/ckpt-round1" --init "$INIT" \
+    --streams 3 --msa-layers 10 --lora-rank 32 --draft-vocab 8192 \
+    --steps 1000 --batch 4 --lr 1e-3 --warmup 20 --eval-every 200 --eval-records 8 --budgets 1,4,8,16,32,64
+fi
+streamspec train --data "$WORK/distill.jsonl" --out "$WORK/ckpt" --init "$WORK/ckpt-round1" \
   --streams 3 --msa-layers 10 --lora-rank 32 --draft-vocab 8192 \
-  --steps "${STEPS:-1000}" ${STOP_AT:+--stop-at "$STOP_AT"} --batch 4 --lr 1e-3 --warmup 20 \
+  --steps "${STEPS:-1200}" ${STOP_AT:+--stop-at "$STOP_AT"} --batch 4 --lr 1e-3 --warmup 20 \
   --eval-every 200 --eval-records 8 --budgets 1,4,8,16,32,64
 
 # 5. Keep only what training added (stream embeddings, adapters, drafting vocabulary) plus
 #    the tokenizer, and the held-out prompts of every domain that bench and tune measure on.
 cp "$WORK"/ckpt/*.json "$WORK"/ckpt/*.safetensors models/default/
-python - "$WORK" <<'PY'
+python - "$WORK" "$DATA/round1-ids.txt" <<'PY'
 import json, sys
 from pathlib import Path
 from streamspec.models.prompts import collect_prompts
 work = Path(sys.argv[1])
+first_round = set(Path(sys.argv[2]).read_text().split())  # the prompts bench and tune have used since round 1
 keep, rows = 24, []
 stdlib = [r for r in collect_prompts() if r["split"] == "heldout"][:keep]  # what bench used before issue 14
 rows += [{"id": r["id"], "domain": "stdlib", "messages": r["messages"]} for r in stdlib]
 taken = {}
 for line in open(work / "self-prompts.jsonl", encoding="utf-8"):
     r = json.loads(line)
-    if r["split"] == "heldout" and taken.get(r["domain"], 0) < keep:
+    if r["split"] == "heldout" and r["id"] in first_round and taken.get(r["domain"], 0) < keep:
         taken[r["domain"]] = taken.get(r["domain"], 0) + 1
         rows.append({"id": r["id"], "domain": r["domain"], "messages": r["messages"]})
 Path("models/default/data/heldout-prompts.jsonl").write_text(
