@@ -332,7 +332,8 @@ def fold_norm_scales(proto) -> int:
 
 
 def _drop_unused_initializers(graph) -> None:
-    """...and Constant nodes whose value nothing reads any more."""
+    """Remove the initializers and Constant nodes whose value no node (nor subgraph)
+    reads any more and that are no graph output."""
     used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
     used |= {name for node in graph.node for a in node.attribute if a.g for n in a.g.node for name in n.input}
     kept = [t for t in graph.initializer if t.name in used]

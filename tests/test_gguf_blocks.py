@@ -59,9 +59,9 @@ def test_matmul_over_carried_blocks(kind, activations):
     equals x @ W^T: within float rounding with fp32 activations, within int8 activation
     rounding with int8. It never uses the CPU kernels that are far slower than fp32:
     no float zero points (fractional ones go in as the default zero point plus an offsets
-    product), no zero-point input where every block has the default (the int8-activation
-    kernel is faster without), and 8-bit blocks only with int8 activations (else the fp32
-    weight stays)."""
+    product), no zero-point input where every block has the default (which is also where
+    fractional codes are centred), and 8-bit blocks only with int8 activations (else the
+    fp32 weight stays)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
