@@ -34,6 +34,8 @@ from typing import Optional
 
 import numpy as np
 
+from .graph_edits import drop_dead_nodes, drop_unused_initializers, drop_unused_inputs
+
 
 def _rms_rule():
     import onnx_ir as ir
@@ -228,7 +230,7 @@ def merge_sibling_matmuls(proto) -> int:
         order.extend(merged.get(index, [node]))
     graph.ClearField("node")
     graph.node.extend(order)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return removed
 
 
@@ -327,22 +329,98 @@ def fold_norm_scales(proto) -> int:
         kept = [n for n in graph.node if id(n) not in gone]
         graph.ClearField("node")
         graph.node.extend(kept)
-        _drop_unused_initializers(graph)
+        drop_unused_initializers(graph)
     return len(gone)
 
 
-def _drop_unused_initializers(graph) -> None:
-    """Remove the initializers and Constant nodes whose value no node (nor subgraph)
-    reads any more and that are no graph output."""
-    used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
-    used |= {name for node in graph.node for a in node.attribute if a.g for n in a.g.node for name in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
-    nodes = [n for n in graph.node if n.op_type != "Constant" or n.output[0] in used]
-    if len(nodes) != len(graph.node):
+def pack_chain_attention(proto) -> int:
+    """For an autoregressive-only graph (portable.chain_attention), per layer:
+
+        Split(qkv) -> q, k, v;  RotaryEmbedding(q), RotaryEmbedding(k);  GroupQueryAttention(q', k', v)
+        -> GroupQueryAttention(qkv, cos_cache, sin_cache, do_rotary=1)
+
+    qkv [1, R, (H + 2 KV) * D] is the packed layout the kernel reads itself. Valid only
+    where the new rows are one chain at positions past_length + i: with no position_ids
+    input the kernel rotates row i of a step at exactly that position (a tree step's
+    rows share positions and its compacted rows arrive rotated, so tree graphs keep the
+    separate nodes). The rotation tables are the ones RotaryEmbedding used. Every layer
+    also reads one shared seqlens_k / total_sequence_length, computed from the step's
+    input_ids instead of from each layer's query (those that keep their rotations too:
+    stream adapters that add to q, k and v). Returns the nodes removed."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    before = len(graph.node)
+    producer = {out: node for node in graph.node for out in node.output}
+    # Shape(x)[1:2] of a rotated q or k is R, as of the packed rows: such readers move to
+    # those, and do not count against removing x.
+    row_shapes: dict[str, list] = {}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "Shape" and _attribute(node, "start") == 1 and _attribute(node, "end") == 2:
+            row_shapes.setdefault(node.input[0], []).append(node)
+            continue
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    constants = {t.name: t for t in graph.initializer}
+    constants.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute
+                      if a.name == "value"})
+
+    def rotary(name: str, heads: int):
+        """The RotaryEmbedding node that makes `name` (non-interleaved, whole head), or None."""
+        node = producer.get(name)
+        if (node is None or node.op_type != "RotaryEmbedding" or node.domain != "com.microsoft"
+                or readers.get(name) != 1 or _attribute(node, "interleaved") or _attribute(node, "num_heads") != heads
+                or _attribute(node, "rotary_embedding_dim") or len(node.input) != 4):
+            return None
+        return node
+
+    chains = []
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or len(node.input) < 7:
+            continue
+        if any(len(node.input) > i and node.input[i] for i in range(7, 11)) or _attribute(node, "do_rotary"):
+            continue  # already rotates, or has an attention bias (a tree step)
+        chains.append(node)
+        heads, kv_heads = _attribute(node, "num_heads"), _attribute(node, "kv_num_heads")
+        q, k = rotary(node.input[0], heads), rotary(node.input[1], kv_heads)
+        split = producer.get(node.input[2])
+        if (q is None or k is None or split is None or split.op_type != "Split" or len(split.output) != 3
+                or list(split.output) != [q.input[0], k.input[0], node.input[2]] or q.input[1:] != k.input[1:]
+                or any(readers.get(out) != 1 for out in split.output) or _attribute(split, "axis") not in (-1, 2)
+                or q.input[2] not in constants):
+            continue
+        half = numpy_helper.to_array(constants[q.input[2]]).shape[-1]  # cos table [positions, D/2]
+        sizes = numpy_helper.to_array(constants[split.input[1]]).tolist() if split.input[1] in constants else None
+        if sizes is None or sizes != [heads * 2 * half, kv_heads * 2 * half, kv_heads * 2 * half]:
+            continue
+        for name in (*split.output, node.input[0], node.input[1]):
+            for shape in row_shapes.get(name, []):
+                shape.input[0] = split.input[0]
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        while len(node.input) < 9:
+            node.input.append("")
+        node.input[7], node.input[8] = q.input[2], q.input[3]
+        node.attribute.extend([helper.make_attribute("do_rotary", 1), helper.make_attribute("rotary_interleaved", 0)])
+    if not chains:
+        return 0
+    if {"input_ids", "past_length"} <= {v.name for v in graph.input}:
+        # R = the step's tokens: one computation for every layer instead of one per layer.
+        shared = [helper.make_node("Shape", ["input_ids"], ["chain.rows"]),
+                  helper.make_node("Add", ["past_length", "chain.rows"], ["chain.total"]),
+                  helper.make_node("Constant", [], ["chain.one"], value_ints=[1]),
+                  helper.make_node("Sub", ["chain.total", "chain.one"], ["chain.last"]),
+                  helper.make_node("Cast", ["chain.last"], ["chain.seqlens_k"], to=6),  # int32 [1]
+                  helper.make_node("Squeeze", ["chain.total"], ["chain.total_scalar"]),
+                  helper.make_node("Cast", ["chain.total_scalar"], ["chain.total_length"], to=6)]  # int32 []
+        for node in chains:
+            node.input[5], node.input[6] = "chain.seqlens_k", "chain.total_length"
+        nodes = shared + list(graph.node)
         graph.ClearField("node")
         graph.node.extend(nodes)
+    drop_dead_nodes(graph)
+    drop_unused_inputs(graph)
+    return before - len(graph.node)
 
 
 def _attribute(node, name: str):

@@ -35,8 +35,9 @@ from streamspec.models.model import Transformer
 from streamspec.runtime.folder import CONFIG_FILE, FORMAT, FORMAT_VERSION
 from streamspec.runtime.tree_settings import TreeSettings
 
-from . import custom, kv_cache, portable, quantize as quantization, sampler, step
+from . import custom, fusions, kv_cache, portable, quantize as quantization, sampler, step
 from . import ops  # noqa: F401  (registers torch.ops.streamspec.*)
+from .graph_edits import drop_unused_inputs
 
 BACKENDS = {"portable": portable, "custom": custom}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -201,11 +202,11 @@ def _write_graph(model: Transformer, part: str, folder: Path, candidates: int, f
         proto, record = quantization.quantize_weights(proto, quantize, block_size, model.config.vocab_size,
                                                       quantize_head, quant_activations, gguf_blocks, method)
     if slim:  # after quantization, which matches a GGUF's blocks weight by weight
-        from .fusions import add_before_split, fold_norm_scales, merge_sibling_matmuls
-
-        fused["merged_matmuls"] = merge_sibling_matmuls(proto)
-        fused["add_before_split"] = add_before_split(proto)
-        fused["norm_scales"] = fold_norm_scales(proto)
+        fused["merged_matmuls"] = fusions.merge_sibling_matmuls(proto)
+        fused["add_before_split"] = fusions.add_before_split(proto)
+        fused["norm_scales"] = fusions.fold_norm_scales(proto)
+        if autoregressive:
+            fused["packed_attention"] = fusions.pack_chain_attention(proto)
     name = MODEL_FILE if part == "step" else f"{part}.onnx"
     external = _save(proto, folder, name)
     first, last = step.part_layers(model, part)
@@ -255,18 +256,8 @@ def trace(model: Transformer, candidates: int, full_logits: bool, backend: str, 
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
     proto = program.model_proto
-    _drop_unused_inputs(proto)
+    drop_unused_inputs(proto.graph)
     return proto
-
-
-def _drop_unused_inputs(proto) -> None:
-    # E.g. tree_parent, which only the custom backend reads, or stream_nodes of a base model.
-    used = {name for node in proto.graph.node for name in node.input}
-    used |= {name for node in proto.graph.node for attr in node.attribute if attr.g for n in attr.g.node
-             for name in n.input}
-    for value in list(proto.graph.input):
-        if value.name not in used:
-            proto.graph.input.remove(value)
 
 
 def simplify(proto, max_positions: Optional[int] = None) -> tuple[Any, dict[str, int]]:
@@ -274,8 +265,6 @@ def simplify(proto, max_positions: Optional[int] = None) -> tuple[Any, dict[str,
     (fusions.py; max_positions sizes the RoPE tables). Returns the graph and the
     rewrites per fusion. A step that fails leaves the graph as it was, since a slower
     graph beats no graph."""
-    from . import fusions
-
     try:
         import onnxslim
 

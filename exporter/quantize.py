@@ -49,6 +49,8 @@ import numpy as np
 
 from streamspec.errors import StreamspecError
 
+from .graph_edits import drop_dead_nodes
+
 QUANTIZATIONS: dict[str, Optional[int]] = {"none": None, "int8": 8, "int4": 4}  # --quantize -> bits
 DEFAULT_BLOCK_SIZE = 32
 # --quant-activations -> MatMulNBits accuracy_level: how the input A is computed with
@@ -60,11 +62,14 @@ HEAD_ACCURACY_LEVELS = {"fp32": 1, "int8": 4, "int8-head": 4}
 DEFAULT_ACTIVATIONS = "fp32"
 # --quant-method: ONNX Runtime's weight-only algorithms (matmul_nbits_quantizer), all
 # without calibration data. default: min/max round to nearest per block (MLAS's own);
-# rtn: round to nearest with clipping ratios; k_quant: llama.cpp-style search of each
+# symmetric: the same with the zero point fixed at the middle code (8 for 4 bits, as
+# onnxruntime-genai's builder does): no zero-point input, and the CPU kernel without one
+# is faster at int8 activations (docs/precision.md, `bench kernels`); rtn: round to nearest with clipping ratios; k_quant: llama.cpp-style search of each
 # block's scale and minimum; hqq: half-quadratic optimisation of scale and zero point.
 # rtn, k_quant and hqq are 4-bit only. (GPTQ needs calibration inputs of the step graph
 # itself, not offered.)
-METHODS = ("default", "rtn", "k_quant", "hqq")
+METHODS = ("default", "symmetric", "rtn", "k_quant", "hqq")
+WHOLE_RANGE = ("default", "symmetric")  # the methods that take 8 bits too
 
 
 def check_quantization(quantize: str, block_size: int, activations: str = DEFAULT_ACTIVATIONS,
@@ -78,7 +83,7 @@ def check_quantization(quantize: str, block_size: int, activations: str = DEFAUL
     if method not in METHODS:
         raise StreamspecError(f"--quant-method must be one of {', '.join(METHODS)}, got {method!r}.")
     bits = QUANTIZATIONS[quantize]
-    if method != "default" and bits != 4:
+    if method not in WHOLE_RANGE and bits != 4:
         raise StreamspecError(f"--quant-method {method} quantizes to 4 bits only; use it with --quantize int4.")
     if bits is None:
         return None
@@ -121,7 +126,7 @@ def quantize_weights(proto, quantize: str, block_size: int = DEFAULT_BLOCK_SIZE,
                 skip = exclude + ([n for n in chosen] if "MatMul" not in op_types else []) \
                     + (gathers if "Gather" not in op_types else [])
                 quantizer = MatMulNBitsQuantizer(
-                    proto, bits=bits, block_size=block_size, is_symmetric=False,
+                    proto, bits=bits, block_size=block_size, is_symmetric=method == "symmetric",
                     accuracy_level=ACCURACY_LEVELS[activations], nodes_to_exclude=skip,
                     quant_format=QuantFormat.QOperator, op_types_to_quantize=op_types,
                     quant_axes=(("MatMul", 0), ("Gather", 1)),
@@ -138,8 +143,9 @@ def quantize_weights(proto, quantize: str, block_size: int = DEFAULT_BLOCK_SIZE,
             is_head = node.name in heads or node.name.rsplit("_Q", 1)[0] in heads
             _set_attribute(node, "accuracy_level", levels[1] if is_head else levels[0])
     _drop_duplicate_initializers(proto)
-    _drop_dead_nodes(proto)
-    record = {"method": "MatMulNBits", "algorithm": method, "bits": bits, "block_size": block_size, "symmetric": False,
+    drop_dead_nodes(proto.graph)
+    record = {"method": "MatMulNBits", "algorithm": method, "bits": bits, "block_size": block_size,
+              "symmetric": method == "symmetric",
               "activations": activations, "accuracy_level": levels[0], "head_accuracy_level": levels[1],
               "matmuls": len(chosen), "matmuls_kept_fp32": len(kept), "lm_head": head,
               "embedding": "GatherBlockQuantized" if gathers or any(
@@ -269,8 +275,8 @@ def _carry_gguf_blocks(proto, blocks: dict[str, Any], levels: tuple[int, int], h
 def _passes(method: str, matmuls: bool, gathers: bool) -> list[tuple[str, tuple[str, ...]]]:
     """(algorithm, op types) per quantizer pass: the embedding Gather always takes the
     default algorithm (the others quantize MatMuls only)."""
-    if method == "default":
-        return [("default", ("MatMul", "Gather") if gathers else ("MatMul",))]
+    if method in WHOLE_RANGE:
+        return [(method, ("MatMul", "Gather") if gathers else ("MatMul",))]
     return ([(method, ("MatMul",))] if matmuls else []) + ([("default", ("Gather",))] if gathers else [])
 
 
@@ -278,7 +284,7 @@ def _algo_config(method: str, bits: int, block_size: int, op_types: tuple[str, .
     """ONNX Runtime's configuration object of an algorithm (None: its default)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as q
 
-    if method == "default":
+    if method in WHOLE_RANGE:  # the quantizer's own, with its is_symmetric
         return None
     if method == "hqq":
         return q.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=op_types)
@@ -453,38 +459,6 @@ def _drop_duplicate_initializers(proto) -> None:
     if len(kept) != len(proto.graph.initializer):
         proto.graph.ClearField("initializer")
         proto.graph.initializer.extend(kept)
-
-
-def _drop_dead_nodes(proto) -> None:
-    """Remove nodes whose outputs nobody reads (the Transposes folded above), then the
-    initializers nobody reads."""
-    graph = proto.graph
-    outputs = {v.name for v in graph.output}
-    changed = True
-    while changed:
-        used = outputs | _used_names(graph)
-        alive = [node for node in graph.node if any(out in used for out in node.output)]
-        changed = len(alive) != len(graph.node)
-        if changed:
-            graph.ClearField("node")
-            graph.node.extend(alive)
-    used = _used_names(graph)
-    kept = [t for t in graph.initializer if t.name in used]
-    if len(kept) != len(graph.initializer):
-        graph.ClearField("initializer")
-        graph.initializer.extend(kept)
-
-
-def _used_names(graph) -> set[str]:
-    """Every value name read by a node of `graph` or of its subgraphs (which may read
-    outer values)."""
-    used = set()
-    for node in graph.node:
-        used.update(node.input)
-        for attribute in node.attribute:
-            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                used |= _used_names(sub)
-    return used
 
 
 def describe(record: Optional[dict[str, Any]]) -> str:

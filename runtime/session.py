@@ -164,6 +164,15 @@ class BoundGraph:
             self.binding.bind_ortvalue_input(name_in, cache[name_in])
             self.binding.bind_ortvalue_output(name_out, cache[name_in])
 
+    def _small_outputs(self) -> list:
+        """The bound outputs, the small ones first (bound first), as ONNX Runtime's own
+        values. The public IOBinding.get_outputs() wraps every output in a Python OrtValue,
+        the 2 x layers caches too: ~70 µs a step for SmolLM2, 1% of an int4 step."""
+        inner = getattr(self.binding, "_iobinding", None)
+        if inner is None:  # another onnxruntime's layout: the public call
+            return [value._ortvalue for value in self.binding.get_outputs()]
+        return inner.get_outputs()
+
     def run(self, feeds: dict[str, np.ndarray], values: dict[str, ort.OrtValue],
             keep: tuple[str, ...] = ()) -> tuple[dict[str, Any], RunTiming]:
         """Bind the inputs the graph has (arrays from the host, OrtValues as they are), run,
@@ -183,8 +192,9 @@ class BoundGraph:
         except Exception as error:  # onnxruntime raises several unrelated types
             raise StreamspecError(run_failure(error)) from None
         ran = time.perf_counter()
-        outputs = self.binding.get_outputs()
-        out = {name: outputs[i] if name in keep else outputs[i].numpy() for i, name in enumerate(self.output_names)}
+        outputs = self._small_outputs()
+        out = {name: ort.OrtValue(outputs[i]) if name in keep else outputs[i].numpy()
+               for i, name in enumerate(self.output_names)}
         return out, RunTiming(bound - start, ran - bound, time.perf_counter() - ran)
 
 

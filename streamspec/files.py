@@ -18,6 +18,17 @@ from typing import Any, Callable, Union
 PathLike = Union[str, os.PathLike]
 
 
+def _read_umask() -> int:
+    # os.umask can only be read by setting it: done once, at import, because the umask is
+    # process-wide and a thread creating a file in between would get mode 0666.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def _file_mode(path: Path) -> int:
     """The mode the file would have had if written directly: the old file's, else
     0666 less the umask (mkstemp makes its file 0600, readable by its owner only,
@@ -25,9 +36,7 @@ def _file_mode(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o777
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_UMASK
 
 
 def write_atomic(path: PathLike, write: Callable[[Path], None]) -> None:

@@ -104,32 +104,46 @@ def test_plain_base_model_generates_like_transformers(tiny_model_dir, shared_exp
     assert result.stats.steps == 29 and not result.stats.speculative
 
 
-@pytest.mark.parametrize("mode", ["lossless", "shared"])
-def test_autoregressive_export_keeps_the_tokens(tiny_model_dir, tmp_path, mode):
+@pytest.mark.parametrize("mode, kv_dtype", [("lossless", "none"), ("shared", "none"), ("lossless", "int8")])
+def test_autoregressive_export_keeps_the_tokens(tiny_model_dir, tmp_path, mode, kv_dtype):
     """`export --autoregressive`: the main stream alone, GroupQueryAttention's causal rule,
     no tree inputs, far fewer nodes; greedy tokens equal the full folder's autoregressive
-    ones (and transformers' for the lossless model, whose main stream is the base), and
-    draft budgets or lookup are refused in one sentence."""
+    ones (and transformers' for the lossless model with a float cache, whose main stream
+    is the base), also with an int8 cache, and draft budgets or lookup are refused in one
+    sentence."""
     import onnx
 
     from builders import msa_model
 
     hf = tiny_model_dir("llama")
     model = msa_model(hf, num_streams=3, mode=mode)
-    full, lean = (export_tiny(model, hf, tmp_path / name, autoregressive=name == "lean") for name in ("full", "lean"))
+    full, lean = (export_tiny(model, hf, tmp_path / name, autoregressive=name == "lean", kv_dtype=kv_dtype)
+                  for name in ("full", "lean"))
     assert model.num_streams == 3  # the caller's model keeps its streams
     nodes = {f: len(onnx.load(str(f / "model.onnx"), load_external_data=False).graph.node) for f in (full, lean)}
     assert nodes[lean] < nodes[full] * (0.5 if mode == "lossless" else 0.75)  # shared: adapters stay
+    # Packed QKV (pack_chain_attention): GroupQueryAttention rotates q and k itself and
+    # every layer reads one shared sequence length. Not where stream adapters add to q, k
+    # and v (shared mode's MSA layers): those keep their RotaryEmbedding nodes.
+    lean_graph = onnx.load(str(lean / "model.onnx"), load_external_data=False).graph
+    attention = [n for n in lean_graph.node if n.op_type == "GroupQueryAttention"]
+    packed = [n for n in attention if any(a.name == "do_rotary" and a.i == 1 for a in n.attribute)]
+    assert len(packed) == (model.config.num_layers if mode == "lossless" else model.msa_start) > 0
+    assert all(n.input[1] == n.input[2] == "" and n.input[7] and n.input[8] for n in packed)
+    assert len({n.input[5] for n in attention}) == 1 and len({n.input[6] for n in attention}) == 1
+    rotations = sum(n.op_type == "RotaryEmbedding" for n in lean_graph.node)
+    assert rotations == 2 * (len(attention) - len(packed))
     engine = Engine(lean, provider="cpu")
     inputs = engine.config.graph["inputs"]
     assert not {"tree_mask", "compact_src", "stream_nodes"} & set(inputs)
+    assert ("positions" in inputs) == bool(rotations)
     assert not engine.can_speculate and not engine.config.can_tree and engine.budget == 0
     reference_engine = Engine(full, provider="cpu", budget=0)
     for prompt in PROMPTS:
         expected = reference_engine.generate(prompt, max_new_tokens=30, speculative=False, ignore_eos=True)
         result = engine.generate(prompt, max_new_tokens=30, ignore_eos=True)
         assert result.token_ids == expected.token_ids
-        if mode == "lossless":
+        if mode == "lossless" and kv_dtype == "none":
             reference, logits = hf_greedy(hf, prompt, 30)
             assert_tokens_match(result.token_ids, reference, logits)
     for settings in ({"budget": 4}, {"lookup": 3}):

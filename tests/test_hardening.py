@@ -166,16 +166,13 @@ def test_a_written_file_has_the_usual_mode(tmp_path):
 
     from streamspec.files import write_text
 
-    old = os.umask(0o022)
-    try:
-        write_text(tmp_path / "new.json", "{}")
-        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
-        (tmp_path / "kept.json").write_text("{}")
-        os.chmod(tmp_path / "kept.json", 0o640)
-        write_text(tmp_path / "kept.json", "[]")
-        assert (tmp_path / "kept.json").stat().st_mode & 0o777 == 0o640
-    finally:
-        os.umask(old)
+    (tmp_path / "direct.json").write_text("{}")
+    write_text(tmp_path / "new.json", "{}")
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == (tmp_path / "direct.json").stat().st_mode & 0o777
+    (tmp_path / "kept.json").write_text("{}")
+    os.chmod(tmp_path / "kept.json", 0o640)
+    write_text(tmp_path / "kept.json", "[]")
+    assert (tmp_path / "kept.json").stat().st_mode & 0o777 == 0o640
 
 
 def test_a_file_size_limit_leaves_the_old_file(engine, tmp_path):

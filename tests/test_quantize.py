@@ -367,12 +367,13 @@ def test_memory_module_is_torch_free():
     assert_runs_without_heavy_imports("import streamspec.runtime.memory", timeout=60)
 
 
-@pytest.mark.parametrize("method", ["rtn", "k_quant", "hqq"])
+@pytest.mark.parametrize("method", ["symmetric", "rtn", "k_quant", "hqq"])
 def test_quantizer_algorithms_on_a_tied_head(method):
     """--quant-method: each of ONNX Runtime's algorithms quantizes the graph's MatMuls to
-    4-bit MatMulNBits at the requested accuracy level, near numpy's results. (An even
-    number of blocks per row: ONNX Runtime's rtn / k_quant packing fails on odd counts,
-    which no real model has: SmolLM2's rows hold 18 or 48 blocks.)"""
+    4-bit MatMulNBits at the requested accuracy level, near numpy's results; symmetric
+    ones carry no zero points (the kernel's default). (An even number of blocks per row:
+    ONNX Runtime's rtn / k_quant packing fails on odd counts, which no real model has:
+    SmolLM2's rows hold 18 or 48 blocks.)"""
     import onnxruntime as ort
 
     from streamspec.exporter.quantize import quantize_weights
@@ -383,14 +384,21 @@ def test_quantizer_algorithms_on_a_tied_head(method):
     nodes = [node for node in quantized.graph.node if node.op_type == "MatMulNBits"]
     assert len(nodes) == 4 and record["algorithm"] == method
     assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in nodes)
+    assert record["symmetric"] == (method == "symmetric")
+    if method == "symmetric":
+        assert all(len(n.input) == 3 for n in nodes)
     session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([1, 5, 120], np.int64)
     logits, _, narrow = session.run(None, {"ids": ids})
     x = table[ids]
     for got, want, matmuls in ((logits, x @ table.T, 1), (narrow, x @ mlp, 2)):
         assert np.abs(got - want).max() < matmuls * 0.2 * np.abs(want).max()
+    from streamspec.exporter.quantize import check_quantization
+
+    if method == "symmetric":
+        assert check_quantization("int8", 32, method=method) == 8
+        return
     with pytest.raises(StreamspecError, match="4 bits only"):
-        from streamspec.exporter.quantize import check_quantization
         check_quantization("int8", 32, method=method)
 
 

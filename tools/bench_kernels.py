@@ -29,7 +29,9 @@ import numpy as np
 from streamspec.tools.cli import bench_main
 from streamspec.tools.harness import time_steps
 
-SHAPES = {"mlp": (576, 1536), "head": (576, 49152)}  # (K, N) of SmolLM2's MLP up-projection and LM head
+# (K, N) of SmolLM2's MLP up-projection, of its gate and up projections merged into one
+# (exporter/fusions.py), and of its LM head
+SHAPES = {"mlp": (576, 1536), "gate_up": (576, 3072), "head": (576, 49152)}
 ROWS = (1, 4, 12)
 BLOCK = 32
 

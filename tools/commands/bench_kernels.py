@@ -18,8 +18,9 @@ HELP = ("Benchmark ONNX Runtime's MatMulNBits CPU kernels against an fp32 MatMul
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=integer(1, 4096), nargs="+", default=[1, 4, 12], metavar="R",
                         help="rows of the activation (1: an autoregressive step; a tree step has more)")
-    parser.add_argument("--shapes", nargs="+", choices=("mlp", "head"), default=["mlp", "head"],
-                        help="mlp: 576 x 1536 (SmolLM2's up-projection); head: 576 x 49152 (its LM head)")
+    parser.add_argument("--shapes", nargs="+", choices=("mlp", "gate_up", "head"), default=["mlp", "head"],
+                        help="mlp: 576 x 1536 (SmolLM2's up-projection); gate_up: 576 x 3072 (its gate and up "
+                             "projections merged, as the exporter runs them); head: 576 x 49152 (its LM head)")
     parser.add_argument("--repeats", type=integer(1), default=30, help="timed calls per kernel and row count")
     parser.add_argument("--threads", type=threads, default=1, help="ONNX Runtime intra-op threads")
     parser.add_argument("--json", type=output_file, default="bench_kernels.json", help="where to write the JSON report")

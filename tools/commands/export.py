@@ -28,11 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(a power of two >= 16; smaller is more accurate and a little larger)")
     parser.add_argument("--no-quantize-head", action="store_true",
                         help="with --quantize: keep the LM head (vocabulary projection) in fp32")
-    parser.add_argument("--quant-method", choices=("default", "rtn", "k_quant", "hqq"), default="default",
+    parser.add_argument("--quant-method", choices=("default", "symmetric", "rtn", "k_quant", "hqq"),
+                        default="default",
                         help="with --quantize: ONNX Runtime's weight-only algorithm for what is quantized: default "
-                             "(min/max round to nearest per block), rtn (with clipping), k_quant (searches each "
-                             "block's scale and minimum, as llama.cpp does) or hqq (half-quadratic); the last three "
-                             "are 4-bit only. bench_precision compares them with fp32")
+                             "(min/max round to nearest per block), symmetric (zero point fixed at the middle "
+                             "code, as onnxruntime-genai does: faster with int8 activations), rtn (with clipping), "
+                             "k_quant (searches each block's scale and minimum, as llama.cpp does) or hqq "
+                             "(half-quadratic); the last three are 4-bit only. bench_precision compares them with fp32")
     parser.add_argument("--requantize-gguf", action="store_true",
                         help="with --quantize and a GGUF base: quantize the de-quantized weights again instead of "
                              "carrying the GGUF's own Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks (the default, which keeps "
