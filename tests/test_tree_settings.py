@@ -118,6 +118,27 @@ def test_export_writes_every_setting_and_tune_rewrites_them(folder, tmp_path):
     assert read_folder(tuned).tree == TreeSettings(3, 2, 0.0)
 
 
+@pytest.mark.parametrize("budget", [0, 4])
+def test_tune_points_to_the_autoregressive_export_when_it_picks_no_tree(folder, tmp_path, capsys, monkeypatch,
+                                                                        budget):
+    """When `streamspec tune` picks autoregressive decoding for a folder that carries the
+    tree machinery, it says that `export --autoregressive` gives a leaner graph."""
+    from streamspec.tools import tune
+    from streamspec.tools.cli import main
+
+    candidate = {"budget": 4, "lookup": 0, "prune": 0.0, "tokens_per_pass": 1.5, "nodes_per_step": 5.0,
+                 "kept_per_step": 5.0, "expected_tokens_per_second": 10.0, "measured_tokens_per_second": 10.0,
+                 "identical": True}
+    report = {"system": {"device_name": "cpu"}, "past": 10, "candidates": [candidate], "domains": [],
+              "autoregressive": {"step_ms": 50.0, "expected_tokens_per_second": 20.0, "measured_tokens_per_second": 20.0},
+              "choice": {"budget": budget, "lookup": 0, "prune": 0.0, "reason": "test", "expected_speedup": 1.0}}
+    monkeypatch.setattr(tune, "run_tune", lambda *args, **kwargs: report)
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", str(folder), "--dry-run", "--num-prompts", "1", "--json", "tune.json"]) == 0
+    said = " ".join(capsys.readouterr().out.split())  # rich wraps lines
+    assert ("export it again with --autoregressive" in said) == (budget == 0)
+
+
 @pytest.mark.parametrize("name, value, words", [bad for bad in BAD_VALUES if bad[1] is not None])
 def test_engine_refuses_bad_settings_and_keeps_its_own(folder, name, value, words):
     """None keeps a value in the constructor and `configure`; the setters refuse it (below)."""

@@ -97,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
     choice = report["choice"]
     console.print(f"choice: budget {choice['budget']}, lookup {choice['lookup']}, pruning "
                   f"{choice['prune'] or 'off'} ({choice['reason']}; expected speed-up {choice['expected_speedup']:.2f}x)")
+    if choice["budget"] == 0 and not choice["lookup"] and config.can_tree:
+        # The tree machinery would run in every step for nothing (docs/design.md).
+        console.print("This device decodes the folder autoregressively: export it again with --autoregressive "
+                      "(and the same other options) for a leaner graph, the same tokens.")
     harness.write_report(report, Path(args.json))
     if not args.dry_run:
         tune.write_choice(folder, report)
