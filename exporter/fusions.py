@@ -347,7 +347,7 @@ def pack_chain_attention(proto) -> int:
     also reads one shared seqlens_k / total_sequence_length, computed from the step's
     input_ids instead of from each layer's query (those that keep their rotations too:
     stream adapters that add to q, k and v). Returns the nodes removed."""
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     graph = proto.graph
     before = len(graph.node)
@@ -410,9 +410,9 @@ def pack_chain_attention(proto) -> int:
                   helper.make_node("Add", ["past_length", "chain.rows"], ["chain.total"]),
                   helper.make_node("Constant", [], ["chain.one"], value_ints=[1]),
                   helper.make_node("Sub", ["chain.total", "chain.one"], ["chain.last"]),
-                  helper.make_node("Cast", ["chain.last"], ["chain.seqlens_k"], to=6),  # int32 [1]
+                  helper.make_node("Cast", ["chain.last"], ["chain.seqlens_k"], to=TensorProto.INT32),  # [1]
                   helper.make_node("Squeeze", ["chain.total"], ["chain.total_scalar"]),
-                  helper.make_node("Cast", ["chain.total_scalar"], ["chain.total_length"], to=6)]  # int32 []
+                  helper.make_node("Cast", ["chain.total_scalar"], ["chain.total_length"], to=TensorProto.INT32)]
         for node in chains:
             node.input[5], node.input[6] = "chain.seqlens_k", "chain.total_length"
         nodes = shared + list(graph.node)

@@ -4,8 +4,8 @@
 
 Every MatMul with a constant weight [K, N] becomes a `com.microsoft.MatMulNBits`
 (`onnxruntime.quantization.matmul_nbits_quantizer`, round to nearest, asymmetric,
-blocks of `block_size` along K, one fp32 scale and one zero point per block), 8 or 4
-bits per weight. With `--quantize int4` the embedding Gather becomes a
+blocks of `block_size` along K, one fp32 scale and one zero point per block; or
+another of its algorithms, METHODS below), 8 or 4 bits per weight. With `--quantize int4` the embedding Gather becomes a
 `GatherBlockQuantized` as well (4 bits only in ONNX Runtime's quantizer).
 
 Why this scheme keeps speculative == autoregressive: a tree step runs many rows
@@ -63,9 +63,10 @@ DEFAULT_ACTIVATIONS = "fp32"
 # --quant-method: ONNX Runtime's weight-only algorithms (matmul_nbits_quantizer), all
 # without calibration data. default: min/max round to nearest per block (MLAS's own);
 # symmetric: the same with the zero point fixed at the middle code (8 for 4 bits, as
-# onnxruntime-genai's builder does): no zero-point input, and the CPU kernel without one
-# is faster at int8 activations (docs/precision.md, `bench kernels`); rtn: round to nearest with clipping ratios; k_quant: llama.cpp-style search of each
-# block's scale and minimum; hqq: half-quadratic optimisation of scale and zero point.
+# onnxruntime-genai's builder does): no zero-point input, a little faster at int8
+# activations (the head 7%, a whole step ~5%: docs/precision.md); rtn: round to nearest
+# with clipping ratios; k_quant: llama.cpp-style search of each block's scale and
+# minimum; hqq: half-quadratic optimisation of scale and zero point.
 # rtn, k_quant and hqq are 4-bit only. (GPTQ needs calibration inputs of the step graph
 # itself, not offered.)
 METHODS = ("default", "symmetric", "rtn", "k_quant", "hqq")
