@@ -23,6 +23,7 @@ class GenerationStats:
     accepted: list[int] = field(default_factory=list)  # draft tokens accepted per step
     tree_sizes: list[int] = field(default_factory=list)  # nodes per step (after pruning)
     drafted_sizes: list[int] = field(default_factory=list)  # nodes per step before pruning
+    streamed_sizes: list[int] = field(default_factory=list)  # nodes per step with stream rows (not lookup's)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     model_seconds: float = 0.0  # inside onnxruntime (prefill included)

@@ -51,11 +51,13 @@ def test_greedy_equals_transformers(engines, family):
 def test_prompt_lookup_drafts_keep_greedy_exact(engines):
     """Lookup chains beside the stream drafts (and alone, budget 0): the same tokens as
     autoregressive decoding, and some accepted tokens come from lookup (a tiny random
-    model's greedy text soon repeats itself, which is what lookup copies)."""
+    model's greedy text soon repeats itself, which is what lookup copies). Lookup nodes
+    get no stream rows: a step's nodes with streams are its stream-drafted ones (and the
+    root), and a path that ends on a lookup node drafts no streams the next step."""
     _, folder = engines["llama"]
     plain = Engine(folder, provider="cpu", fallback=False)
     settings = [dict(budget=4, lookup=6), dict(budget=0, lookup=6)]
-    looked_up = 0
+    looked_up = ended_on_lookup = 0
     for options in settings:
         engine = Engine(folder, provider="cpu", fallback=False, **options)
         for prompt in PROMPTS:
@@ -67,9 +69,17 @@ def test_prompt_lookup_drafts_keep_greedy_exact(engines):
             looked_up += result.stats.lookup_tokens
             assert sum(r.lookup_accepted for r in records) == result.stats.lookup_tokens
             assert all(r.lookup_accepted <= min(r.lookup_nodes, r.accepted) for r in records)
+            assert result.stats.streamed_sizes == [
+                (r.tree_nodes - r.lookup_nodes) if options["budget"] else 0 for r in records]
             if options["budget"] == 0:  # lookup alone: no stream rows, so no stream drafts
                 assert result.stats.lookup_tokens == sum(result.stats.accepted)
-    assert looked_up > 0
+            else:  # a path that ends on a lookup node (it accepted a lookup token: lookup nodes
+                # follow the stream ones on a path) leaves the next step with the root's streams only
+                stream_drafts = [r.tree_nodes - r.lookup_nodes - 1 for r in records]
+                after_lookup = [d for r, d in zip(records, stream_drafts[1:]) if r.lookup_accepted]
+                assert all(d == 0 for d in after_lookup) and any(d > 0 for d in stream_drafts)
+                ended_on_lookup += len(after_lookup)
+    assert looked_up > 0 and ended_on_lookup > 0
 
 
 def test_memory_budget_sizes_the_cache_or_refuses(engines):

@@ -12,7 +12,9 @@ are measured here, on this device and this folder:
                  typical cache length (`profiler.measure.latency_curve`); for a pruned
                  setting, the median ms of a pruned step over its mean drafted nodes
                  (lower layers, every draft scored by the exit head) and its mean kept
-                 nodes (upper layers)
+                 nodes (upper layers); for a prompt-lookup setting, the median ms of a
+                 step over its mean nodes of which only the stream-drafted ones have
+                 stream rows (the engine gives lookup nodes none)
 
     expected tokens/s (setting) = tokens per pass / latency(mean nodes per step)
 
@@ -61,6 +63,7 @@ class Candidate:
     tokens_per_pass: float = 0.0
     domain_tokens_per_pass: dict = field(default_factory=dict)  # the same, per prompt domain
     nodes_per_step: float = 0.0  # drafted (before pruning)
+    streamed_per_step: float = 0.0  # nodes with stream rows (prompt-lookup nodes have none)
     kept_per_step: float = 0.0  # after pruning: what the upper layers see
     measured_tokens_per_second: float = 0.0  # end-to-end decode, for reference (noisier)
     identical: bool = True
@@ -121,13 +124,21 @@ def run_tune(settings: TuneSettings, prompts: list[list[int]],
     say("step-latency curve")
     curve = latency_curve(engine, past, sizes=sorted({1, 2, 4, 8, 16, 32, 64, biggest}), repeats=settings.repeats)
     ar_ms = next(p["median_ms"] for p in curve if not p["drafting"])
-    pruned_ms = {}
+    pruned_ms, lookup_ms = {}, {}
     if pruning is not None:
         say("pruned-step latencies")
-        pruned_ms = pruned_latencies(pruning, past, {(round(c.nodes_per_step), round(c.kept_per_step))
-                                                     for c in candidates if c.prune}, settings.repeats)
+        pruned_ms = shaped_latencies(pruning, past, {(round(c.nodes_per_step), round(c.kept_per_step))
+                                                     for c in candidates if c.prune}, settings.repeats, "kept")
+    # A lookup setting's nodes are cheaper than the curve's (no stream rows for lookup nodes).
+    lookup_shapes = {(round(c.nodes_per_step), round(c.streamed_per_step)) for c in candidates
+                     if c.lookup and not c.prune and round(c.streamed_per_step) < round(c.nodes_per_step)}
+    if lookup_shapes:
+        say("prompt-lookup step latencies")
+        lookup_ms = shaped_latencies(engine, past, lookup_shapes, settings.repeats, "streamed")
     for c in candidates:
+        lookup_shape = (round(c.nodes_per_step), round(c.streamed_per_step))
         ms = (pruned_ms[(round(c.nodes_per_step), round(c.kept_per_step))] if c.prune
+              else lookup_ms[lookup_shape] if lookup_shape in lookup_ms and c.lookup
               else interpolate(curve, c.nodes_per_step))
         c.expected_tokens_per_second = 1000.0 * c.tokens_per_pass / ms
     ar_expected = 1000.0 / ar_ms
@@ -142,6 +153,7 @@ def run_tune(settings: TuneSettings, prompts: list[list[int]],
                             measured_tokens_per_second=statistics.mean(ar_speed)),
         candidates=[c.as_dict() for c in candidates], latency_curve=curve,
         pruned_latency=[dict(drafted=n, kept=k, median_ms=ms) for (n, k), ms in sorted(pruned_ms.items())],
+        lookup_latency=[dict(nodes=n, streamed=k, median_ms=ms) for (n, k), ms in sorted(lookup_ms.items())],
         choice=dict(budget=best.budget if pays else 0, lookup=best.lookup if pays else 0,
                     prune=best.prune if pays else 0.0,
                     expected_speedup=(best.expected_tokens_per_second / ar_expected) if best else None,
@@ -150,16 +162,26 @@ def run_tune(settings: TuneSettings, prompts: list[list[int]],
         notes=settings.notes)
 
 
-def pruned_latencies(engine, past: int, pairs: set[tuple[int, int]], repeats: int) -> dict[tuple[int, int], float]:
-    """Median ms of a pruned step for each (drafted, kept) pair: a balanced binary tree of
-    `drafted` nodes (as `latency_curve` uses) whose first `kept` nodes reach the upper layers."""
+def shaped_latencies(engine, past: int, pairs: set[tuple[int, int]], repeats: int,
+                     kind: str) -> dict[tuple[int, int], float]:
+    """Median ms of one step for each (nodes, k) pair, on a balanced binary tree of `nodes`
+    nodes (as `latency_curve` uses; its first k nodes are a subtree). kind "kept": a pruned
+    step whose first k nodes reach the upper layers; "streamed": a step where only the
+    first k nodes have stream rows, the rest being prompt-lookup nodes."""
+    from streamspec.runtime.tree import LOOKUP, STREAM, Tree
     from streamspec.tools.profiler.measure import balanced_tree
 
     out = {}
-    for drafted, kept in sorted(pairs):
-        tree = balanced_tree(drafted, engine.config.vocab_size)
-        times = time_steps({"step": lambda: engine.forward(tree, past, kept=kept)}, repeats)["step"]
-        out[(drafted, kept)] = 1000 * statistics.median(times)
+    for nodes, k in sorted(pairs):
+        tree = balanced_tree(nodes, engine.config.vocab_size)
+        if kind == "kept":
+            step = lambda: engine.forward(tree, past, kept=k)  # noqa: E731
+        else:
+            sources = np.where(np.arange(nodes) < k, STREAM, LOOKUP).astype(np.int8)
+            looked = Tree(tree.tokens, tree.parents, tree.depths, tree.path_probs, sources)
+            step = lambda: engine.forward(looked, past)  # noqa: E731
+        times = time_steps({"step": step}, repeats)["step"]
+        out[(nodes, k)] = 1000 * statistics.median(times)
     return out
 
 
@@ -179,6 +201,7 @@ def _acceptance(c: Candidate, measured: Measurement, domains: Sequence[str]) -> 
     if len(per_domain) > 1:
         c.domain_tokens_per_pass = {d: t / max(n, 1) for d, (t, n) in per_domain.items()}
     c.nodes_per_step = sum(sum(run.stats.drafted_sizes) for run in runs) / steps
+    c.streamed_per_step = sum(sum(run.stats.streamed_sizes) for run in runs) / steps
     c.kept_per_step = sum(sum(run.stats.tree_sizes) for run in runs) / steps
     c.measured_tokens_per_second = statistics.mean(run.stats.decode_tokens_per_second for run in runs)
 
