@@ -52,13 +52,15 @@ def export(spec: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], stre
     """Export a streamspec checkpoint folder, or a base model ("default", a Hugging Face
     folder or a .gguf file) for autoregressive use. streams: deploy only the first n of
     the trained streams (fewer rows per tree node; exact, see `Transformer.keep_streams`).
-    A checkpoint's `deploy` entry gives the defaults of `streams` and `budget`.
+    A checkpoint's `deploy` entry gives the defaults of `streams`, `budget` and `lookup`.
     Other options: see `export_model`."""
     model, tokenizer_dir, base_dir, source = load_source(spec)
     deploy = source.get("deploy", {})  # a checkpoint's measured defaults
     streams = deploy.get("streams") if streams is None else streams
     if options.get("budget") is None:
         options["budget"] = int(deploy.get("budget", DEFAULT_BUDGET))
+    if options.get("lookup") is None:
+        options["lookup"] = int(deploy.get("lookup", 0))
     if streams is not None:
         if not model.num_streams:
             raise StreamspecError(f"{spec} has no streams, so --streams does not apply.")
@@ -107,7 +109,8 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
                  progress: bool = True, quantize: str = "none", block_size: int = quantization.DEFAULT_BLOCK_SIZE,
                  quantize_head: bool = True, quant_activations: str = quantization.DEFAULT_ACTIVATIONS,
                  kv_dtype: str = "none", pruning: bool = False, full_draft_vocab: bool = False,
-                 gguf_blocks: bool = True, quant_method: str = "default", autoregressive: bool = False) -> Path:
+                 gguf_blocks: bool = True, quant_method: str = "default", autoregressive: bool = False,
+                 lookup: int = 0) -> Path:
     """Trace `model` into a deployable folder at `out_dir` and return its path.
 
     dtype: "fp32" or "fp16" weights, activations and KV cache. quantize: "none", "int8"
@@ -131,6 +134,8 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
     autoregressive: a graph for one-token-at-a-time decoding only: the main stream as a
     plain decoder, GroupQueryAttention's causal rule instead of tree visibility, no tree
     inputs (fewer nodes per step; the runtime then refuses draft budgets and lookup).
+    budget, lookup: the runtime's default tree (draft nodes from the streams, prompt-lookup
+    tokens); `streamspec tune` measures and rewrites them on the device.
     """
     out_dir = Path(out_dir).expanduser().resolve()
     tokenizer_dir = Path(tokenizer_dir)
@@ -148,7 +153,7 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with work_folder(out_dir, say) as tmp:
         if autoregressive:
-            model, budget = model.main_stream_only(), 0
+            model, budget, lookup = model.main_stream_only(), 0, 0
         if dtype != "fp32":
             model = copy.deepcopy(model).to(DTYPES[dtype])
         if full_draft_vocab and model.draft_vocab is not None:
@@ -166,7 +171,7 @@ def export_model(model: Transformer, tokenizer_dir: Union[str, os.PathLike], out
             parts[part] = _write_graph(model, part, tmp, candidates, full_logits, backend, slim, say, max_length,
                                        **quantizing)
         config = deploy_config(model, dtype, max_length, candidates, full_logits, backend, budget, graph,
-                               source or {"kind": "model", "name": type(model).__name__})
+                               source or {"kind": "model", "name": type(model).__name__}, lookup)
         config["attention"]["trees"] = not autoregressive
         if parts:
             config["graph"]["parts"] = parts
@@ -304,7 +309,8 @@ def _io_names(proto) -> dict[str, list[str]]:
 
 
 def deploy_config(model: Transformer, dtype: str, max_length: int, candidates: int, full_logits: bool,
-                  backend: str, budget: int, graph: dict[str, Any], source: dict[str, str]) -> dict[str, Any]:
+                  backend: str, budget: int, graph: dict[str, Any], source: dict[str, str],
+                  lookup: int = 0) -> dict[str, Any]:
     """streamspec.json without the tokenizer and token sections."""
     cfg = model.config
     streams = model.streams
@@ -324,7 +330,7 @@ def deploy_config(model: Transformer, dtype: str, max_length: int, candidates: i
         "graph": {**graph, "dtype": dtype, "candidates": min(candidates, cfg.vocab_size), "full_logits": full_logits,
                   "max_length": max_length,
                   "draft_vocab": None if model.draft_vocab is None else len(model.draft_vocab)},
-        "tree": TreeSettings(budget=budget).as_entry(),
+        "tree": TreeSettings(budget=budget, lookup=lookup).as_entry(),
         "source": source,
     }
 

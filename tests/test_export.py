@@ -272,8 +272,9 @@ def test_export_command_attention_option():
 
 
 def test_export_of_a_checkpoint_folder(tiny_model_dir, tmp_path, monkeypatch):
-    """`export(spec)` resolves a training checkpoint (streams from streams.safetensors);
-    here the weights also go to external data, as they do for large models."""
+    """`export(spec)` resolves a training checkpoint (streams from streams.safetensors)
+    and takes its measured tree (`deploy`: budget and prompt lookup) as the folder's
+    default; here the weights also go to external data, as they do for large models."""
     from streamspec.exporter import export, pipeline
 
     monkeypatch.setattr(pipeline, "EXTERNAL_DATA_BYTES", 0)
@@ -283,9 +284,13 @@ def test_export_of_a_checkpoint_folder(tiny_model_dir, tmp_path, monkeypatch):
     base = tiny_model_dir("llama")
     model = msa_model(base, num_streams=3, msa_layers=1, seed=9)
     checkpoint = save_checkpoint(tmp_path / "ckpt", model, base, base_fingerprint(base))
+    meta = json.loads((checkpoint / "streamspec.json").read_text())
+    meta["deploy"] = {"budget": 3, "lookup": 5}
+    (checkpoint / "streamspec.json").write_text(json.dumps(meta))
     folder = export(checkpoint, tmp_path / "onnx", max_length=MAX_LENGTH, candidates=CANDIDATES, progress=False)
     config = read_folder(folder)
     assert config.raw["source"]["kind"] == "checkpoint" and config.num_streams == 3
+    assert (config.tree.budget, config.tree.lookup) == (3, 5)
     assert config.eos_token_ids == [2]
     assert config.graph["external_data"] == "model.onnx.data" and (folder / "model.onnx.data").is_file()
     session = StepSession(config, "cpu")

@@ -112,7 +112,7 @@ PY
 # 6. Measure the tree on this device and store the choice as the export default
 #    (`deploy` in streamspec.json): export, tune on held-out prompts of every domain.
 streamspec export models/default --out "$WORK/onnx" --force
-streamspec tune "$WORK/onnx" --num-prompts 2 --budgets 1,2,4,8,16,32 --lookup 0 --max-new-tokens 64 --threads 2 --json "$WORK/tune.json"
+streamspec tune "$WORK/onnx" --num-prompts 2 --budgets 1,2,4,8,16,32 --lookup 0,8,16 --max-new-tokens 64 --threads 2 --json "$WORK/tune.json"
 python - "$WORK/tune.json" <<'PY'
 import json, sys
 from streamspec.files import write_json

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=integer(0, 4096), default=None,
                         help="default number of draft nodes per tree for the runtime (default: the checkpoint's "
                              "measured choice, else 8; `streamspec tune` re-measures it on the device)")
+    parser.add_argument("--lookup", type=integer(0, 4096), default=None,
+                        help="default prompt-lookup draft tokens per tree for the runtime (default: the checkpoint's "
+                             "measured choice, else 0; `streamspec tune --lookup` re-measures it)")
     parser.add_argument("--streams", type=integer(1), default=None,
                         help="deploy only the first N trained streams (shallower trees, fewer rows per node; "
                              "default: all)")
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     out = export(args.source, args.out, streams=args.streams, dtype=args.dtype, max_length=args.max_length,
-                 candidates=args.candidates, budget=args.budget, backend=args.backend, full_logits=args.full_logits,
+                 candidates=args.candidates, budget=args.budget, lookup=args.lookup, backend=args.backend, full_logits=args.full_logits,
                  slim=not args.no_slim, force=args.force, quantize=args.quantize, block_size=args.block_size,
                  quantize_head=not args.no_quantize_head, quant_activations=args.quant_activations,
                  gguf_blocks=not args.requantize_gguf, quant_method=args.quant_method,
