@@ -81,6 +81,7 @@ def summarize(measured: Measurement, row: Setting, num_streams: int) -> dict[str
     stats = [r.stats for r in firsts]
     steps = sum(s.steps for s in stats)
     kept = sum(sum(s.tree_sizes) for s in stats)
+    streamed = sum(sum(s.streamed_sizes) for s in stats)  # kept nodes with stream rows (not lookup's)
     accepted = sum(sum(s.accepted) for s in stats)
     return {
         "setting": row.name, "folder": str(row.folder), "budget": row.budget, "prune": row.prune, "lookup": row.lookup,
@@ -89,7 +90,7 @@ def summarize(measured: Measurement, row: Setting, num_streams: int) -> dict[str
         "mean_accepted_length": 1 + accepted / steps if steps else 1.0,
         "drafted_nodes_per_step": sum(sum(s.drafted_sizes) for s in stats) / steps if steps else 1.0,
         "kept_nodes_per_step": kept / steps if steps else 1.0,
-        "upper_rows_per_step": kept * (1 + num_streams) / steps if steps and row.speculative else 1.0,
+        "upper_rows_per_step": (kept + num_streams * streamed) / steps if steps and row.speculative else 1.0,
         "lookup_share": sum(s.lookup_tokens for s in stats) / accepted if accepted else 0.0,
         "equals_autoregressive": all(measured.same_as(row.name, measured.arms[0])),
     }
