@@ -33,7 +33,7 @@ from streamspec.errors import StreamspecError
 from streamspec.files import write_json
 from streamspec.models.model import Transformer
 from streamspec.runtime.folder import CONFIG_FILE, FORMAT, FORMAT_VERSION
-from streamspec.runtime.tree_settings import TreeSettings
+from streamspec.runtime.tree_settings import TreeSettings, default_streams
 
 from . import custom, fusions, kv_cache, portable, quantize as quantization, sampler, step
 from . import ops  # noqa: F401  (registers torch.ops.streamspec.*)
@@ -52,7 +52,8 @@ def export(spec: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], stre
     """Export a streamspec checkpoint folder, or a base model ("default", a Hugging Face
     folder or a .gguf file) for autoregressive use. streams: deploy only the first n of
     the trained streams (fewer rows per tree node; exact, see `Transformer.keep_streams`).
-    A checkpoint's `deploy` entry gives the defaults of `streams`, `budget` and `lookup`.
+    A checkpoint's `deploy` entry gives the defaults of `streams`, `budget` and `lookup`;
+    without either, a budget of B < γ draft nodes deploys B streams (`default_streams`).
     Other options: see `export_model`."""
     model, tokenizer_dir, base_dir, source = load_source(spec)
     deploy = source.get("deploy", {})  # a checkpoint's measured defaults
@@ -61,6 +62,13 @@ def export(spec: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], stre
         options["budget"] = int(deploy.get("budget", DEFAULT_BUDGET))
     if options.get("lookup") is None:
         options["lookup"] = int(deploy.get("lookup", 0))
+    if streams is None and not options.get("autoregressive"):
+        streams = default_streams(model.num_streams, options["budget"])
+        if streams is not None:
+            _reporter(options.get("progress", True))(
+                f"Deploying streams 1..{streams} of {model.num_streams}: a tree of {options['budget']} draft "
+                f"nodes is never deeper than {streams} (--streams {model.num_streams} keeps them all, for larger "
+                "budgets)")
     if streams is not None:
         if not model.num_streams:
             raise StreamspecError(f"{spec} has no streams, so --streams does not apply.")

@@ -272,7 +272,7 @@ class Engine:
             unvouched = Tree(tree.tokens, tree.parents, tree.depths, np.zeros(tree.size, dtype=np.float32))
             nodes = np.arange(min(max(kept, 1), tree.size), dtype=np.int64)
             return self._pruned_step(unvouched, past, drafting and self.can_speculate, None, lambda d: _NO_UNIFORMS,
-                                     GenerationStats(), decide=lambda *_: nodes)[2]
+                                     GenerationStats(), decide=lambda *_: nodes)[3]
         stream_nodes = self._stream_nodes(tree, drafting and self.can_speculate)
         return self._run(tree, past, _NO_ROWS, stream_nodes, np.arange(tree.size, dtype=np.int64), None,
                          _NO_UNIFORMS, GenerationStats())
@@ -385,10 +385,12 @@ class Engine:
         uniform_at = lambda depths: state.chooser.uniforms.at(state.produced + depths)  # noqa: E731
         kept = None  # pruning: the kept nodes' indices in the drafted tree [K]
         if self.prune > 0 and tree.size > 1:
-            tree, kept, out = self._pruned_step(tree, state.past, drafting, state.chooser.feeds, uniform_at, stats)
+            tree, kept, streamed, out = self._pruned_step(tree, state.past, drafting, state.chooser.feeds,
+                                                          uniform_at, stats)
         else:
-            out = self._run(tree, state.past, state.pending, self._stream_nodes(tree, drafting),
-                            np.arange(tree.size, dtype=np.int64), state.chooser.feeds, uniform_at(tree.depths), stats)
+            streamed = self._stream_nodes(tree, drafting)  # [L] nodes with stream rows
+            out = self._run(tree, state.past, state.pending, streamed, np.arange(tree.size, dtype=np.int64),
+                            state.chooser.feeds, uniform_at(tree.depths), stats)
         ran = time.perf_counter()
         path, correction = accept(tree, lambda node: state.chooser(out, node))
         accepted = time.perf_counter()
@@ -396,7 +398,6 @@ class Engine:
         compacted = time.perf_counter()
         # A path that ends on a node without stream rows (a prompt-lookup node) drafts by
         # lookup alone in the next step.
-        streamed = self._stream_nodes(tree, drafting)
         draft = _draft(out, path[-1]) if drafting and path[-1] in streamed else None
         return _Step(tree, drafted, path, correction, draft, out, pending, (ran, accepted, compacted), len(streamed))
 
@@ -480,11 +481,13 @@ class Engine:
 
     def _pruned_step(self, tree: Tree, past: int, drafting: bool, sampling: Optional[dict[str, np.ndarray]],
                      uniform_at: Callable[[np.ndarray], np.ndarray], stats: GenerationStats,
-                     decide: Optional[Callable[..., np.ndarray]] = None) -> tuple[Tree, np.ndarray, dict[str, np.ndarray]]:
+                     decide: Optional[Callable[..., np.ndarray]] = None
+                     ) -> tuple[Tree, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """One step with tree pruning (host compaction, so nothing to compact in-graph):
         the lower layers over `tree`, pruning, the upper layers over the kept nodes.
         decide(tree, scored, exit_scores) -> kept nodes replaces `tree.prune` (timing).
-        Returns (the kept tree, its nodes' indices in `tree` [K], the step's outputs)."""
+        Returns (the kept tree, its nodes' indices in `tree` [K], the kept nodes with
+        stream rows [L], the step's outputs)."""
         scored = nodes_to_score(tree, self.prune)
         exit_parents, exit_rows = np.unique(tree.parents[scored], return_inverse=True)
         feeds = self._feeds(tree, past, _NO_ROWS, _NO_ROWS, _NO_ROWS, None, _NO_UNIFORMS)
@@ -496,12 +499,12 @@ class Engine:
         kept = (decide or (lambda *args: prune(*args, self.prune)))(tree, scored, lower["exit_scores"])
         small = tree.select(kept)
         nodes = np.arange(small.size, dtype=np.int64)
-        feeds = self._feeds(small, past, _NO_ROWS, self._stream_nodes(small, drafting), nodes, sampling,
-                            uniform_at(small.depths))
+        streamed = self._stream_nodes(small, drafting)
+        feeds = self._feeds(small, past, _NO_ROWS, streamed, nodes, sampling, uniform_at(small.depths))
         start = time.perf_counter()
         out = self.session.run_upper(feeds, lower["hidden"], kept, add_timing=True)
         stats.model_seconds += lower_seconds + time.perf_counter() - start
-        return small, kept, out
+        return small, kept, streamed, out
 
     def _stream_nodes(self, tree: Tree, drafting: bool) -> np.ndarray:
         """The nodes that get stream rows [L]: when drafting, the root and the nodes the

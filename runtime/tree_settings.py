@@ -29,6 +29,15 @@ MAX_NODES = 4096  # draft nodes (or lookup tokens) per step: far above what pays
 _WHAT = {"budget": "tree budget (draft nodes per step)", "lookup": "prompt-lookup length (draft tokens per step)"}
 
 
+def default_streams(trained: int, budget: int) -> Optional[int]:
+    """How many of `trained` streams a folder with this default budget deploys, or None
+    for all of them. Under the root (the correction token), a drafted node at depth d is
+    the d-th draft on its path, so a tree of B draft nodes is at most B deep and stream
+    j > B never drafts: its rows (one per streamed node in every MSA layer) would only
+    cost time. Prompt-lookup nodes take no stream rows, so `lookup` changes nothing here."""
+    return budget if 1 <= budget < trained else None
+
+
 @dataclass(frozen=True)
 class TreeSettings:
     """The tree of every speculative step; the defaults are those of a folder whose

@@ -299,3 +299,29 @@ def test_export_of_a_checkpoint_folder(tiny_model_dir, tmp_path, monkeypatch):
     out = run_step(session, prompt, 0, output_nodes=[3])  # as a prefill: drafts from the last token
     assert int(out["draft_node"][0]) == 3
     assert_top_matches(out["stream_ids"], out["stream_probs"], streams[3])  # the trained streams came along
+
+
+def test_a_small_budget_deploys_only_the_streams_it_can_use(tiny_model_dir, tmp_path):
+    """A tree of B draft nodes is at most B deep, so a checkpoint whose measured budget is
+    below γ deploys B streams (fewer rows per step), which compute what the first B of
+    the trained streams compute; an explicit --streams or a larger budget keeps them all."""
+    from streamspec.exporter import export
+    from streamspec.runtime.tree_settings import default_streams
+    from streamspec.models.checkpoint import save_checkpoint
+    from streamspec.models.loading import base_fingerprint
+
+    assert [default_streams(3, b) for b in (0, 1, 2, 3, 8)] == [None, 1, 2, None, None]
+    base = tiny_model_dir("llama")
+    model = msa_model(base, num_streams=3, msa_layers=1, seed=9)
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, base, base_fingerprint(base))
+    meta = json.loads((checkpoint / "streamspec.json").read_text())
+    meta["deploy"] = {"budget": 2, "lookup": 0}
+    (checkpoint / "streamspec.json").write_text(json.dumps(meta))
+    folder = export(checkpoint, tmp_path / "onnx", max_length=MAX_LENGTH, candidates=CANDIDATES, progress=False)
+    config = read_folder(folder)
+    assert config.num_streams == 2 and config.tree.budget == 2
+    prompt = chain_tree([5, 6, 7, 8])
+    _, streams, _ = Reference(model).step(prompt, 0)
+    out = run_step(StepSession(config, "cpu"), prompt, 0, output_nodes=[3])
+    assert out["stream_ids"].shape[-2] == 2
+    assert_top_matches(out["stream_ids"], out["stream_probs"], streams[3][:2])

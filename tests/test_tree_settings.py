@@ -118,11 +118,11 @@ def test_export_writes_every_setting_and_tune_rewrites_them(folder, tmp_path):
     assert read_folder(tuned).tree == TreeSettings(3, 2, 0.0)
 
 
-@pytest.mark.parametrize("budget", [0, 4])
-def test_tune_points_to_the_autoregressive_export_when_it_picks_no_tree(folder, tmp_path, capsys, monkeypatch,
-                                                                        budget):
+@pytest.mark.parametrize("budget", [0, 2, 4])
+def test_tune_points_to_the_leaner_export_of_its_choice(folder, tmp_path, capsys, monkeypatch, budget):
     """When `streamspec tune` picks autoregressive decoding for a folder that carries the
-    tree machinery, it says that `export --autoregressive` gives a leaner graph."""
+    tree machinery, it says that `export --autoregressive` gives a leaner graph; when it
+    picks a budget below the folder's 3 streams, that `export --streams B` does."""
     from streamspec.tools import tune
     from streamspec.tools.cli import main
 
@@ -137,6 +137,7 @@ def test_tune_points_to_the_autoregressive_export_when_it_picks_no_tree(folder, 
     assert main(["tune", str(folder), "--dry-run", "--num-prompts", "1", "--json", "tune.json"]) == 0
     said = " ".join(capsys.readouterr().out.split())  # rich wraps lines
     assert ("export it again with --autoregressive" in said) == (budget == 0)
+    assert ("export it again with --streams 2" in said) == (budget == 2)
 
 
 @pytest.mark.parametrize("name, value, words", [bad for bad in BAD_VALUES if bad[1] is not None])

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     from streamspec.errors import StreamspecError
     from streamspec.runtime.folder import read_folder
+    from streamspec.runtime.tree_settings import default_streams
     from streamspec.tools import harness, tune
 
     folder = Path(args.folder)
@@ -101,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
         # The tree machinery would run in every step for nothing (docs/design.md).
         console.print("This device decodes the folder autoregressively: export it again with --autoregressive "
                       "(and the same other options) for a leaner graph, the same tokens.")
+    elif default_streams(config.num_streams, choice["budget"]) is not None:
+        console.print(f"A tree of {choice['budget']} draft nodes uses streams 1..{choice['budget']} of "
+                      f"{config.num_streams}: export it again with --streams {choice['budget']} (and the same other "
+                      "options) for fewer rows per step, the same tokens.")
     harness.write_report(report, Path(args.json))
     if not args.dry_run:
         tune.write_choice(folder, report)
