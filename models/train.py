@@ -539,20 +539,44 @@ class _Distributed:
 
 
 def _init_checkpoint(config: TrainConfig, base_sha: str) -> CheckpointInfo:
-    """The checkpoint a new run starts from (--init): same base model and stream shape;
-    the optimizer, schedule and drafting vocabulary start afresh."""
+    """The checkpoint a new run starts from (--init): same base model and stream shape,
+    a LoRA rank at least as large (`grow_lora`); the optimizer, schedule and drafting
+    vocabulary start afresh."""
     info = read_checkpoint_info(config.init)
     if info.base_sha256 != base_sha:
         raise StreamspecError(f"--init {config.init} was trained on another base model than --base.")
     wanted = config.stream_config()
-    if (info.streams.num_streams, info.streams.num_msa_layers, info.streams.mode, info.streams.lora_rank,
-            info.streams.exit_rank) != (wanted.num_streams, wanted.num_msa_layers, wanted.mode, wanted.lora_rank,
-                                        wanted.exit_rank):
+    if (info.streams.num_streams, info.streams.num_msa_layers, info.streams.mode, info.streams.exit_rank) != \
+            (wanted.num_streams, wanted.num_msa_layers, wanted.mode, wanted.exit_rank) or \
+            info.streams.lora_rank > wanted.lora_rank:
         raise StreamspecError(
             f"--init {config.init} has {info.streams.num_streams} streams on {info.streams.num_msa_layers} layers "
             f"({info.streams.mode}, rank {info.streams.lora_rank}, exit rank {info.streams.exit_rank}); pass the "
-            f"same --streams, --msa-layers, --mode, --lora-rank and --exit-rank.")
+            f"same --streams, --msa-layers, --mode and --exit-rank, and a --lora-rank of at least "
+            f"{info.streams.lora_rank}.")
     return info
+
+
+def grow_lora(trained: dict[str, torch.Tensor], model: Transformer, scale: float) -> dict[str, torch.Tensor]:
+    """Trained weights of a smaller LoRA rank r (adapters scaled by `scale`) laid into
+    `model`'s larger rank R, computing the same function: A [r, in] fills A's first r rows
+    (the other R - r keep their random start), B [out, r] B's first r columns rescaled to
+    the new scale (the other columns stay zero, so the new directions start silent and
+    training opens them). Other weights pass through."""
+    ours = model.trainable_parameters()
+    grown = dict(trained)
+    for name, weight in trained.items():
+        if ".lora_" not in name or name not in ours or weight.shape == ours[name].shape:
+            continue
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        new = ours[name].detach().clone()
+        if name.endswith("lora_A"):
+            new[:weight.shape[0]] = weight
+        else:
+            new.zero_()
+            new[:, :weight.shape[1]] = weight * (scale / module.lora_scale)
+        grown[name] = new
+    return grown
 
 
 def _device(name: str, dist: _Distributed) -> torch.device:
@@ -639,7 +663,9 @@ def _train(config: TrainConfig, dist: _Distributed, console, progress: bool) -> 
         load_trained(model, load_file(str(last / WEIGHTS_FILE)), str(last / WEIGHTS_FILE))
         load_optimizer(last, optimizer, names)
     elif init_info is not None:
-        load_trained(model, read_trained(init_info), str(init_info.weights_path))
+        streams = init_info.streams
+        trained = grow_lora(read_trained(init_info), model, streams.lora_alpha / streams.lora_rank)
+        load_trained(model, trained, str(init_info.weights_path))
     start = state["step"]
     cached = config.path == "cached" or (config.path == "auto" and config.mode == "lossless")
     objective: nn.Module = StreamObjective(model, config, cached)

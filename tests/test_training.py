@@ -232,6 +232,28 @@ def test_init_starts_a_new_run_from_a_checkpoint(tiny_llama_dir, data, tmp_path)
         train(tiny_config(tiny_llama_dir, data, tmp_path / "e", init=str(tmp_path / "missing")), progress=False, echo=False)
 
 
+def test_init_can_grow_the_lora_rank_keeping_what_the_streams_compute(tiny_llama_dir, data, tmp_path):
+    """--init from rank 8 (alpha 16) into rank 16 with another alpha: the old adapters
+    fill the first rows/columns, rescaled to the new scale, the new columns of B start at
+    zero, so the warm-started streams compute what the checkpoint's did; a smaller rank
+    is refused."""
+    first = train(tiny_config(tiny_llama_dir, data, tmp_path / "a", steps=6), progress=False, echo=False)
+    init = str(tmp_path / "a" / "last")
+    grown = train(tiny_config(tiny_llama_dir, data, tmp_path / "b", steps=1, lr=1e-12, lora_rank=16,
+                              lora_alpha=8.0, init=init), progress=False, echo=False)
+    tokens = torch.tensor([list(range(5, 30))])
+    positions = torch.arange(tokens.shape[1])[None]
+    mask = causal_tree_mask(tokens.shape[1])
+    with torch.no_grad():
+        before = first.model(tokens, positions, EagerAttention(mask, 2)).stream_logits
+        after = grown.model(tokens, positions, EagerAttention(mask, 2)).stream_logits
+    ranks = {p.shape[0] for n, p in grown.model.trainable_parameters().items() if n.endswith("lora_A")}
+    assert ranks == {16}
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    with pytest.raises(StreamspecError, match="--lora-rank of at least 8"):
+        train(tiny_config(tiny_llama_dir, data, tmp_path / "c", lora_rank=4, init=init), progress=False, echo=False)
+
+
 def test_shared_mode_adapts_the_main_stream(tiny_llama_dir, data, tmp_path):
     with pytest.raises(StreamspecError, match="lossless"):
         train(tiny_config(tiny_llama_dir, data, tmp_path / "x", mode="shared", path="cached"), progress=False, echo=False)

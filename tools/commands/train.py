@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "an unfinished run there resumes automatically")
     io.add_argument("--init", default=None, metavar="CHECKPOINT",
                     help="start a new run from this checkpoint's trained weights (e.g. models/default, to "
-                         "adapt the shipped streams to your data); same base and stream shape, fresh "
+                         "adapt the shipped streams to your data); same base and stream shape (a larger "
+                         "--lora-rank grows the adapters, computing the same at the start), fresh "
                          "optimizer and schedule")
     io.add_argument("--restart", action="store_true",
                     help="discard the run in --out and start over")
