@@ -268,6 +268,34 @@ def test_shared_mode_adapts_the_main_stream(tiny_llama_dir, data, tmp_path):
     assert not torch.allclose(before, after)
 
 
+@pytest.mark.parametrize("budget", [1, 4])
+def test_held_out_tokens_per_pass_are_what_speculative_decoding_takes(budget):
+    """The trainer's figure (`evaluate`: one causal pass, then `greedy_walk` over the
+    streams' top-k) counts exactly the steps that speculative decoding takes on the
+    model's own greedy answer (ReferenceDecoder: tree steps with a KV cache), so held-out
+    tokens per pass predict deployment."""
+    from streamspec.models.config import ModelConfig
+    from streamspec.models.model import Transformer, load_base_weights
+    from streamspec.models.reference import ReferenceDecoder
+    from streamspec.models.train import evaluate
+    from tiny_models import VOCAB, tiny_hf_model
+
+    hf = tiny_hf_model("llama", sharpen=4.0)  # repeats itself, so untrained streams get drafts accepted
+    model = Transformer(ModelConfig.from_hf(hf.config), StreamConfig(num_streams=3, num_msa_layers=2, lora_rank=4))
+    load_base_weights(model, hf.state_dict())
+    decoder = ReferenceDecoder(model, max_length=128, budget=budget, top_k=budget)
+    config = TrainConfig(data="unused", out="unused")
+    accepted = 0
+    for seed in range(3):
+        prompt = torch.randint(0, VOCAB, (8,), generator=torch.Generator().manual_seed(seed)).tolist()
+        decoded = decoder.generate(prompt, 40)
+        record = Record(0, f"r{seed}", "heldout", tuple(prompt), tuple(decoded.tokens))
+        tokens_per_pass = evaluate(model, [record], [budget], config)["tokens_per_pass"][str(budget)]
+        assert (len(decoded.tokens) - 1) / tokens_per_pass == pytest.approx(decoded.steps)
+        accepted += sum(decoded.accepted)
+    assert accepted > 0
+
+
 def test_greedy_walk_counts_forward_passes():
     gamma, top_k = 2, 3
     tokens = np.arange(100, 112)  # prompt 100..102, answer 103..111 (9 tokens)
