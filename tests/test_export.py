@@ -271,13 +271,10 @@ def test_export_command_attention_option():
     assert parser.parse_args(["export", "ckpt", "--out", "o"]).backend == "portable"
 
 
-def test_export_of_a_checkpoint_folder(tiny_model_dir, tmp_path, monkeypatch):
-    """`export(spec)` resolves a training checkpoint (streams from streams.safetensors)
-    and takes its measured tree (`deploy`: budget and prompt lookup) as the folder's
-    default; here the weights also go to external data, as they do for large models."""
-    from streamspec.exporter import export, pipeline
-
-    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_BYTES", 0)
+def _export_checkpoint(tiny_model_dir, tmp_path: Path, deploy: dict):
+    """A tiny 3-stream checkpoint whose streamspec.json holds `deploy` (the measured
+    tree), exported with `export(spec)`. Returns (the model, the folder)."""
+    from streamspec.exporter import export
     from streamspec.models.checkpoint import save_checkpoint
     from streamspec.models.loading import base_fingerprint
 
@@ -285,9 +282,19 @@ def test_export_of_a_checkpoint_folder(tiny_model_dir, tmp_path, monkeypatch):
     model = msa_model(base, num_streams=3, msa_layers=1, seed=9)
     checkpoint = save_checkpoint(tmp_path / "ckpt", model, base, base_fingerprint(base))
     meta = json.loads((checkpoint / "streamspec.json").read_text())
-    meta["deploy"] = {"budget": 3, "lookup": 5}
+    meta["deploy"] = deploy
     (checkpoint / "streamspec.json").write_text(json.dumps(meta))
-    folder = export(checkpoint, tmp_path / "onnx", max_length=MAX_LENGTH, candidates=CANDIDATES, progress=False)
+    return model, export(checkpoint, tmp_path / "onnx", max_length=MAX_LENGTH, candidates=CANDIDATES, progress=False)
+
+
+def test_export_of_a_checkpoint_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """`export(spec)` resolves a training checkpoint (streams from streams.safetensors)
+    and takes its measured tree (`deploy`: budget and prompt lookup) as the folder's
+    default; here the weights also go to external data, as they do for large models."""
+    from streamspec.exporter import pipeline
+
+    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_BYTES", 0)
+    model, folder = _export_checkpoint(tiny_model_dir, tmp_path, {"budget": 3, "lookup": 5})
     config = read_folder(folder)
     assert config.raw["source"]["kind"] == "checkpoint" and config.num_streams == 3
     assert (config.tree.budget, config.tree.lookup) == (3, 5)
@@ -305,19 +312,10 @@ def test_a_small_budget_deploys_only_the_streams_it_can_use(tiny_model_dir, tmp_
     """A tree of B draft nodes is at most B deep, so a checkpoint whose measured budget is
     below γ deploys B streams (fewer rows per step), which compute what the first B of
     the trained streams compute; an explicit --streams or a larger budget keeps them all."""
-    from streamspec.exporter import export
     from streamspec.runtime.tree_settings import default_streams
-    from streamspec.models.checkpoint import save_checkpoint
-    from streamspec.models.loading import base_fingerprint
 
     assert [default_streams(3, b) for b in (0, 1, 2, 3, 8)] == [None, 1, 2, None, None]
-    base = tiny_model_dir("llama")
-    model = msa_model(base, num_streams=3, msa_layers=1, seed=9)
-    checkpoint = save_checkpoint(tmp_path / "ckpt", model, base, base_fingerprint(base))
-    meta = json.loads((checkpoint / "streamspec.json").read_text())
-    meta["deploy"] = {"budget": 2, "lookup": 0}
-    (checkpoint / "streamspec.json").write_text(json.dumps(meta))
-    folder = export(checkpoint, tmp_path / "onnx", max_length=MAX_LENGTH, candidates=CANDIDATES, progress=False)
+    model, folder = _export_checkpoint(tiny_model_dir, tmp_path, {"budget": 2, "lookup": 0})
     config = read_folder(folder)
     assert config.num_streams == 2 and config.tree.budget == 2
     prompt = chain_tree([5, 6, 7, 8])

@@ -15,7 +15,7 @@ from streamspec.models.config import StreamConfig
 from streamspec.models.data import Record, Window
 from streamspec.models.errors import StreamspecError
 from streamspec.models.model import build_model
-from streamspec.models.train import (StreamObjective, TrainConfig, build_for_training, greedy_walk,
+from streamspec.models.train import (StreamObjective, TrainConfig, build_for_training, evaluate, greedy_walk,
                                      sequence_states, train)
 from streamspec.tools import cli
 
@@ -277,7 +277,6 @@ def test_held_out_tokens_per_pass_are_what_speculative_decoding_takes(budget):
     from streamspec.models.config import ModelConfig
     from streamspec.models.model import Transformer, load_base_weights
     from streamspec.models.reference import ReferenceDecoder
-    from streamspec.models.train import evaluate
     from tiny_models import VOCAB, tiny_hf_model
 
     hf = tiny_hf_model("llama", sharpen=4.0)  # repeats itself, so untrained streams get drafts accepted
